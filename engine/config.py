@@ -1,0 +1,223 @@
+"""Run configuration: frozen, typed dataclasses per component, from YAML plus overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.lr=3e-4", "data.batch_groups=32"])
+
+Every key is checked: an unknown key, a value of the wrong type or out of range raises
+ConfigError naming the dotted key, the bad value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A transformers model type built from a config with random init ("gpt2", "llama",
+    # "bert", ...) or a local folder holding a transformers model.
+    backbone: str = "gpt2"
+    preset: Literal["tiny", "small", "base"] = "tiny"  # sizes for config-built backbones
+    overrides: dict = field(default_factory=dict)  # extra transformers config keys
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Generate HHH-style comparison groups instead of reading files."""
+
+    train_groups: int = 2000
+    eval_groups: int = 300
+    seed: int = 0
+    k_min: int = 2
+    k_max: int = 4
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Each of train/eval: a prepared folder (holds manifest.json) or a list of input
+    # files (JSONL/Parquet) that the run prepares into OUT_DIR/data/ first.
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    synthetic: SyntheticConfig | None = None
+    tokenizer: str = "bytes"  # "bytes", "bpe:<vocab>", or a local tokenizer folder
+    max_length: int = 256
+    truncation: Literal["left", "error"] = "left"
+    skip_bad: bool = False
+    batch_groups: int = 16  # groups per micro-batch per rank
+    max_tokens: int | None = None  # token budget per micro-batch instead of a group count
+    shuffle_buffer: int = 1024
+    eval_batch_groups: int = 64
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: Literal["ranked"] = "ranked"
+    pairs: Literal["all", "adjacent"] = "all"
+    reduction: Literal["pairs", "groups"] = "pairs"
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    max_steps: int | None = None  # None: derived from epochs
+    epochs: float = 1.0
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int = 0  # steps; 0: only at the end
+    save_every: int = 0  # steps; 0: only at the end
+    keep_last: int = 2
+    log_every: int = 10
+    progress: bool = True
+    device: str = "auto"  # "auto": cuda when available, else cpu
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    workers: int = 1
+    address: str | None = None  # Ray cluster to attach to; None: an embedded local one
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    activation_checkpointing: bool = False
+    deepspeed_config: str | None = None  # raw DeepSpeed JSON that overrides the built one
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> "RunConfig":
+        checks = [
+            ("data.max_length", self.data.max_length >= 8, "an integer >= 8"),
+            ("data.batch_groups", self.data.batch_groups >= 1, "an integer >= 1"),
+            ("train.lr", self.train.lr > 0, "a positive number"),
+            ("train.grad_accum", self.train.grad_accum >= 1, "an integer >= 1"),
+            ("train.epochs", self.train.epochs > 0, "a positive number"),
+            ("train.keep_last", self.train.keep_last >= 1, "an integer >= 1"),
+            ("cluster.workers", self.cluster.workers >= 1, "an integer >= 1"),
+            ("cluster.zero_stage", self.cluster.zero_stage in (0, 1, 2, 3), "0, 1, 2 or 3"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"{key}: got {_lookup(self, key)!r}, expected {expected}")
+        if self.train.max_steps is not None and self.train.max_steps < 1:
+            raise ConfigError(f"train.max_steps: got {self.train.max_steps!r}, expected >= 1")
+        if not self.data.train and self.data.synthetic is None:
+            raise ConfigError("data.train: empty; give input files, a prepared folder, or data.synthetic")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (or defaults when path is None) and apply KEY=VALUE overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> RunConfig:
+    return _build(RunConfig, raw, prefix="").validate()
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known keys: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint, value: Any, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(items)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: got {value!r}, expected a list of {len(args)} values")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}, expected a mapping")
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {getattr(hint, '__name__', hint)}")
+
+
+def _lookup(cfg: RunConfig, key: str):
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node

@@ -1,0 +1,60 @@
+"""Evaluation on held-out comparisons: pair accuracy, loss, score statistics.
+
+Scores are computed once per sequence; every ranked pair (better, worse) of a group is
+then judged correct when r_better > r_worse (a tie in score counts half).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rankpm.engine.data.schema import Batch
+from rankpm.kernels.ranked_loss import ranked_preference_loss
+
+
+@torch.no_grad()
+def evaluate(model, batches, *, strategy, num_batches: int | None = None) -> dict:
+    """Evaluate over this rank's batches; sums are reduced over every rank.
+
+    ``num_batches``: when given, every rank runs exactly that many forward passes (the
+    global maximum), repeating its last batch with zero weight, so that collective
+    operations inside the forward (ZeRO-3 parameter gathers) stay in step across ranks.
+    """
+    model.eval()
+    device = strategy.device
+    totals = torch.zeros(6, dtype=torch.float64, device=device)  # pairs, correct, loss, n, sum, sumsq
+    seen = 0
+    last: Batch | None = None
+    for batch in batches:
+        last = batch.to(device)
+        totals += _batch_totals(model, last, strategy)
+        seen += 1
+    if num_batches is not None:
+        for _ in range(num_batches - seen):
+            if last is None:
+                raise RuntimeError(f"rank {strategy.rank} has no evaluation data to keep in step with")
+            _batch_totals(model, last, strategy)  # collectives only; results unused
+    model.train()
+    pairs, correct, loss, n, total, total_sq = strategy.all_reduce(totals).tolist()
+    mean = total / max(n, 1)
+    return {
+        "eval_pairs": int(pairs),
+        "eval_accuracy": correct / pairs if pairs else float("nan"),
+        "eval_loss": loss / pairs if pairs else float("nan"),
+        "eval_sequences": int(n),
+        "score_mean": mean,
+        "score_std": math.sqrt(max(total_sq / max(n, 1) - mean * mean, 0.0)),
+    }
+
+
+def _batch_totals(model, batch: Batch, strategy) -> torch.Tensor:
+    with strategy.autocast():
+        scores = model(batch.input_ids, batch.attention_mask, batch.score_index).scores.float()
+    result = ranked_preference_loss(scores, batch.ranks, batch.group_offsets, margin=batch.margin,
+                                    reduction="pairs", impl="torch")
+    pairs = result.pair_count.double()
+    # accuracy from the loss kernel counts ties in score as half-correct
+    return torch.stack([pairs, result.accuracy.double() * pairs, result.loss.double() * pairs,
+                        torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device),
+                        scores.double().sum(), scores.double().pow(2).sum()])

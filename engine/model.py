@@ -1,0 +1,130 @@
+"""PreferenceModel: a transformers backbone with a scalar head read at the end-of-context token.
+
+The position of that token is given by the batch (``score_index``), recorded when the
+batch was built; it is never inferred from padding, so pad == EOS cannot shift it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from rankpm.engine.config import ModelConfig
+from rankpm.engine.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+# Sizes for backbones built from a config with random initialisation.
+PRESETS = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=256),
+    "small": dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, intermediate_size=512),
+    "base": dict(num_hidden_layers=6, hidden_size=256, num_attention_heads=8, intermediate_size=1024),
+}
+MODEL_FILE = "rankpm_model.json"
+HEAD_FILE = "score_head.pt"
+
+
+class ModelOutput(NamedTuple):
+    scores: torch.Tensor  # (S,) float32, one score per sequence
+    hidden: torch.Tensor  # (S, T, H) last hidden states, for LM terms
+
+
+class PreferenceModel(nn.Module):
+    def __init__(self, transformer: nn.Module, *, has_lm_head: bool):
+        super().__init__()
+        self.transformer = transformer  # a base model, or a causal LM when has_lm_head
+        self.has_lm_head = has_lm_head
+        hidden = transformer.config.hidden_size
+        self.score_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.score_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.score_head.bias)
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        if not self.has_lm_head:
+            raise ValueError("this backbone was built without an LM head; configure an LM term to keep it")
+        return self.transformer.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask, score_index) -> ModelOutput:
+        hidden = self.transformer.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        at_eoc = hidden[rows, score_index]  # (S, H)
+        scores = self.score_head(at_eoc).squeeze(-1).float()
+        return ModelOutput(scores, hidden)
+
+    # -- building and saving -------------------------------------------------------
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, *, vocab_size: int, pad_id: int, eoc_id: int,
+              max_length: int, with_lm_head: bool = False) -> "PreferenceModel":
+        """A backbone from a local folder, or from a model type with random init."""
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        auto = AutoModelForCausalLM if with_lm_head else AutoModel
+        folder = Path(cfg.backbone)
+        if folder.is_dir():
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"model.backbone: {folder} holds no config.json")
+            transformer = auto.from_pretrained(folder, local_files_only=True, **cfg.overrides)
+            limit = getattr(transformer.config, "max_position_embeddings", None)
+            if limit is not None and limit < max_length:
+                raise ValueError(f"data.max_length={max_length} exceeds {folder}'s "
+                                 f"max_position_embeddings={limit}")
+            if transformer.get_input_embeddings().num_embeddings < vocab_size:
+                log.info("resizing %s embeddings to the tokenizer's %d tokens", folder, vocab_size)
+                transformer.resize_token_embeddings(vocab_size)
+        else:
+            if cfg.preset not in PRESETS:
+                raise ValueError(f"model.preset: got {cfg.preset!r}, expected one of {sorted(PRESETS)}")
+            options = dict(PRESETS[cfg.preset], vocab_size=vocab_size, max_position_embeddings=max_length,
+                           pad_token_id=pad_id, bos_token_id=eoc_id, eos_token_id=eoc_id)
+            for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop",
+                         "embd_pdrop", "attn_pdrop", "attention_dropout"):
+                options[name] = cfg.dropout
+            options.update(cfg.overrides)
+            try:
+                config = AutoConfig.for_model(cfg.backbone, **options)
+            except ValueError as err:
+                raise ValueError(f"model.backbone: {cfg.backbone!r} is neither a local folder nor a "
+                                 f"transformers model type ({err})") from None
+            transformer = auto.from_config(config)
+        if cfg.gradient_checkpointing:
+            transformer.gradient_checkpointing_enable()
+        return cls(transformer, has_lm_head=with_lm_head)
+
+    def save(self, directory: str | Path, extra: dict | None = None, tokenizer_dir: str | Path | None = None) -> None:
+        """Write a self-contained model folder (transformers files, score head, tokenizer), atomically."""
+        with atomic_dir(directory) as tmp:
+            if tokenizer_dir is not None:
+                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            self.transformer.save_pretrained(tmp, safe_serialization=True)
+            torch.save(self.score_head.state_dict(), tmp / HEAD_FILE)
+            meta = {"format": 1, "has_lm_head": self.has_lm_head, **(extra or {})}
+            (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location="cpu") -> "PreferenceModel":
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        directory = Path(directory)
+        meta_path = directory / MODEL_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a rankpm model folder (no {MODEL_FILE})")
+        meta = json.loads(meta_path.read_text())
+        auto = AutoModelForCausalLM if meta["has_lm_head"] else AutoModel
+        model = cls(auto.from_pretrained(directory, local_files_only=True), has_lm_head=meta["has_lm_head"])
+        model.score_head.load_state_dict(torch.load(directory / HEAD_FILE, map_location=map_location))
+        return model
+
+    @staticmethod
+    def read_meta(directory: str | Path) -> dict:
+        return json.loads((Path(directory) / MODEL_FILE).read_text())

@@ -1,0 +1,97 @@
+"""How one training step is executed: the loop calls a strategy, never an optimizer directly.
+
+LocalStrategy runs one process with plain PyTorch. The DeepSpeed strategy
+(engine/deepspeed_strategy.py, the one module that imports deepspeed) has the same
+methods, so the training loop in engine/train.py is the same in both cases.
+
+Semantics shared by every strategy (they mirror DeepSpeed's engine):
+- ``backward(loss)`` is called once per micro-batch and scales by 1 / grad_accum;
+- ``step()`` is called once per micro-batch and updates the weights only at the
+  accumulation boundary (clip, optimizer step, scheduler step, zero grads),
+  returning True when it did.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class LocalStrategy:
+    rank = 0
+    world_size = 1
+    local_rank = 0
+
+    def __init__(self, *, device: torch.device, grad_accum: int = 1, grad_clip: float = 0.0,
+                 precision: str = "fp32"):
+        self.device = device
+        self.grad_accum = grad_accum
+        self.grad_clip = grad_clip
+        self.precision = precision
+        self.micro_steps = 0
+        self.last_grad_norm: torch.Tensor | None = None
+        self.model: nn.Module | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> nn.Module:
+        self.model, self.optimizer, self.scheduler = model.to(self.device), optimizer, scheduler
+        return self.model
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> bool:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum:
+            return False
+        if self.grad_clip > 0:
+            self.last_grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def current_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.model
+
+    def export_state_dict(self) -> dict:
+        """Full (consolidated) model weights; the same on every strategy."""
+        return self.model.state_dict()
+
+    def save(self, directory: Path) -> None:
+        """Write model, optimizer and scheduler state into an existing folder."""
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
+                   directory / "training_state.pt")
+
+    def load(self, directory: Path) -> None:
+        path = directory / "training_state.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory}: no training_state.pt (written by another strategy?)")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro_steps = state["micro_steps"]

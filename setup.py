@@ -1,0 +1,39 @@
+"""rankpm: one distribution, import package ``rankpm``.
+
+The three code folders install as ``rankpm.engine``, ``rankpm.kernels`` and
+``rankpm.cluster``; ``rankpm`` itself is a namespace package (no __init__).
+"""
+from setuptools import setup
+
+PACKAGES = {
+    "rankpm.engine": "engine",
+    "rankpm.engine.data": "engine/data",
+    "rankpm.kernels": "kernels",
+    "rankpm.cluster": "cluster",
+}
+
+setup(
+    name="rankpm",
+    version="0.1.0",
+    description="Distributed preference-model (reward-model) training with fused kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "deepspeed>=0.15",
+        "ray[default]>=2.30",
+        "pyarrow>=14",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4"]},
+    entry_points={"console_scripts": ["rankpm=rankpm.engine.cli:main"]},
+)
