@@ -1,0 +1,192 @@
+"""One input row (a dict) -> one ComparisonGroup, whatever the row's format.
+
+The format is detected from the row's fields:
+
+    ranked      responses, ranks            context in ``prompt`` (or ``context``); optional
+                                            margin, source, id, turns
+    pairwise    prompt, chosen, rejected    strings, or message lists (below)
+    messages    chosen, rejected            lists of {role, content}: whole conversations that
+                                            agree up to the final assistant message
+    transcript  chosen, rejected            strings: whole HH-RLHF dialogues
+                                            ("\\n\\nHuman: ...\\n\\nAssistant: ...") that agree up to
+                                            the final assistant turn
+
+Message lists are rendered to the same text format as the transcripts: each message as
+``"\\n\\nHuman: ..."`` / ``"\\n\\nAssistant: ..."`` (system messages as ``"\\n\\nSystem: ..."``),
+the context ending in ``"\\n\\nAssistant:"`` and each response starting with the space that
+follows it. Every problem raises DataError naming the row and the field.
+"""
+from __future__ import annotations
+
+import re
+
+from rankpm.engine.data.errors import DataError, Where
+from rankpm.engine.data.schema import ComparisonGroup
+
+ASSISTANT = "\n\nAssistant:"
+ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
+_HUMAN_TURN = re.compile(r"(?:^|\n\n)Human:")
+
+
+def count_turns(context: str) -> int:
+    """Human turns in a context (at least 1: a bare prompt is one turn)."""
+    return max(1, len(_HUMAN_TURN.findall(context)))
+
+
+def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup]:
+    """(format name, group) for one row; DataError on anything unusable."""
+    if not isinstance(row, dict):
+        raise DataError(where, "<row>", f"expected a JSON object, got {type(row).__name__}")
+    if "responses" in row or "ranks" in row:
+        fmt, context, responses, ranks = "ranked", *_ranked(row, where)
+    elif "chosen" in row or "rejected" in row:
+        chosen, rejected = _require(row, "chosen", where), _require(row, "rejected", where)
+        if "prompt" in row:
+            fmt = "pairwise"
+            context = _context(row["prompt"], "prompt", where)
+            responses = [_response(chosen, "chosen", where), _response(rejected, "rejected", where)]
+        elif isinstance(chosen, list) and isinstance(rejected, list):
+            fmt, (context, responses) = "messages", _split_conversations(chosen, rejected, where)
+        elif isinstance(chosen, str) and isinstance(rejected, str):
+            fmt, (context, responses) = "transcript", split_transcripts(chosen, rejected, where)
+        else:
+            raise DataError(where, "rejected", f"chosen is {type(chosen).__name__} but rejected is "
+                            f"{type(rejected).__name__}; expected two strings or two message lists")
+        ranks = [0, 1]
+    else:
+        raise DataError(where, "<row>", f"unrecognised row with fields {sorted(row)}: expected "
+                        "prompt/chosen/rejected, chosen/rejected transcripts, or prompt/responses/ranks")
+    for k, text in enumerate(responses):
+        if not text.strip():
+            raise DataError(where, response_field(fmt, k), "empty response")
+
+    group_id = row.get("id", default_id)
+    if group_id is None:
+        group_id = default_id
+    if not isinstance(group_id, (str, int)) or isinstance(group_id, bool):
+        raise DataError(where, "id", f"expected a string, got {group_id!r}")
+    source = row.get("source") or ""
+    if not isinstance(source, str):
+        raise DataError(where, "source", f"expected a string, got {source!r}")
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise DataError(where, "margin", f"expected a number or null, got {margin!r}")
+    turns = row.get("turns")
+    if turns is None:
+        turns = count_turns(context)
+    elif isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+        raise DataError(where, "turns", f"expected a positive integer, got {turns!r}")
+    group = ComparisonGroup(id=str(group_id), context=context, responses=responses, ranks=ranks,
+                            margin=None if margin is None else float(margin), source=source, turns=turns)
+    return fmt, group
+
+
+def _require(row: dict, name: str, where: Where):
+    if name not in row or row[name] is None:
+        raise DataError(where, name, "missing")
+    return row[name]
+
+
+def response_field(fmt: str, k: int) -> str:
+    if fmt == "ranked":
+        return f"responses[{k}]"
+    return ("chosen", "rejected")[k]
+
+
+def _ranked(row: dict, where: Where) -> tuple[str, list[str], list[int]]:
+    name = "prompt" if "prompt" in row else "context"
+    context = _context(_require(row, name, where), name, where)
+    responses, ranks = _require(row, "responses", where), _require(row, "ranks", where)
+    if not isinstance(responses, list):
+        raise DataError(where, "responses", f"expected a list of strings, got {type(responses).__name__}")
+    if not isinstance(ranks, list):
+        raise DataError(where, "ranks", f"expected a list of integers, got {type(ranks).__name__}")
+    for k, text in enumerate(responses):
+        if not isinstance(text, str):
+            raise DataError(where, f"responses[{k}]", f"expected a string, got {type(text).__name__}")
+    for k, rank in enumerate(ranks):
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise DataError(where, f"ranks[{k}]", f"expected an integer, got {rank!r}")
+    if len(ranks) != len(responses):
+        raise DataError(where, "ranks", f"{len(ranks)} ranks for {len(responses)} responses")
+    if len(set(ranks)) < 2:
+        raise DataError(where, "ranks", f"fewer than two distinct ranks ({ranks}): the group forms no pair")
+    return context, list(responses), list(ranks)
+
+
+def _context(value, name: str, where: Where) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        messages = _messages(value, name, where)
+        if not messages or messages[-1][0] == "Assistant":
+            raise DataError(where, name, "a message-list prompt must end with a user message")
+        return render(messages) + ASSISTANT
+    raise DataError(where, name, f"expected a string or a list of messages, got {type(value).__name__}")
+
+
+def _response(value, name: str, where: Where) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # the assistant's reply as a one-message list
+        messages = _messages(value, name, where)
+        if len(messages) != 1 or messages[0][0] != "Assistant":
+            raise DataError(where, name, "with a prompt, expected one assistant message")
+        return " " + messages[0][1]
+    raise DataError(where, name, f"expected a string or a list of messages, got {type(value).__name__}")
+
+
+def _messages(value: list, name: str, where: Where) -> list[tuple[str, str]]:
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise DataError(where, f"{name}[{i}]", f"expected a {{role, content}} object, got {message!r}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(where, f"{name}[{i}].role", f"got {role!r}, expected one of {sorted(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(where, f"{name}[{i}].content", f"expected a string, got {type(content).__name__}")
+        out.append((ROLES[role], content))
+    return out
+
+
+def render(messages: list[tuple[str, str]]) -> str:
+    return "".join(f"\n\n{role}: {content}" for role, content in messages)
+
+
+def _split_conversations(chosen: list, rejected: list, where: Where) -> tuple[str, list[str]]:
+    a, b = _messages(chosen, "chosen", where), _messages(rejected, "rejected", where)
+    for name, conv in (("chosen", a), ("rejected", b)):
+        if len(conv) < 2 or conv[-1][0] != "Assistant":
+            raise DataError(where, name, "expected a conversation ending with an assistant message")
+    if a[:-1] != b[:-1]:
+        diverge = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)) - 1)
+        raise DataError(where, "rejected", f"conversations differ before the final assistant message "
+                        f"(at message {diverge}); cannot split into one context and two responses")
+    return render(a[:-1]) + ASSISTANT, [" " + a[-1][1], " " + b[-1][1]]
+
+
+def split_transcripts(chosen: str, rejected: str, where: Where) -> tuple[str, list[str]]:
+    """Split two HH-RLHF dialogues at the final assistant turn they share.
+
+    The context is the common text up to and including the last ``"\\n\\nAssistant:"`` that
+    both contain at the same place; what follows is each response. A response that still
+    holds a Human turn means the dialogues differ earlier: the pair cannot be split.
+    """
+    common = 0
+    limit = min(len(chosen), len(rejected))
+    while common < limit and chosen[common] == rejected[common]:
+        common += 1
+    cut = chosen.rfind(ASSISTANT, 0, common)  # the marker lies wholly in the shared text
+    if cut < 0:
+        raise DataError(where, "chosen", "unsplittable transcript pair: no shared '\\n\\nAssistant:' turn "
+                        "before the dialogues differ")
+    end = cut + len(ASSISTANT)
+    context, responses = chosen[:end], [chosen[end:], rejected[end:]]
+    for name, text in zip(("chosen", "rejected"), responses):
+        if "\n\nHuman:" in text:
+            raise DataError(where, name, "unsplittable transcript pair: the dialogues differ before the "
+                            "final assistant turn")
+    if responses[0] == responses[1]:
+        raise DataError(where, "rejected", "chosen and rejected are identical")
+    return context, responses

@@ -1,0 +1,91 @@
+"""Read comparison files (JSON Lines or Parquet) as ComparisonGroups, streaming.
+
+    for group in read_groups(["hh_train.jsonl", "ranked.parquet"], skip_bad=True, skipped=bad):
+        ...
+
+The format of each row is detected from its fields (rankpm.engine.data.formats). A bad
+row raises DataError naming file, line (1-based; the row index for Parquet) and field;
+with ``skip_bad`` it is appended to ``skipped`` as {file, line, field, reason} instead
+(logged as a warning when no list is given). Blank lines of a JSON Lines file hold no
+row and are passed over. Ids default to ``"<file stem>:<line>"``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+from rankpm.engine.data.errors import DataError, Where
+from rankpm.engine.data.formats import parse_row
+from rankpm.engine.data.schema import ComparisonGroup
+
+log = logging.getLogger(__name__)
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def iter_raw_rows(path: str | Path) -> Iterator[tuple[Where, object]]:
+    """(where, row) for every row of a file; an undecodable row comes as a DataError value."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such input file")
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        yield from _parquet_rows(path)
+    else:
+        yield from _jsonl_rows(path)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[Where, object]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = Where(str(path), lineno)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, DataError(where, "<json>", f"not UTF-8 ({err.reason} at byte {err.start})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as err:
+                hint = " (a JSON array file? write one object per line)" if text.lstrip().startswith("[") else ""
+                yield where, DataError(where, "<json>", f"invalid JSON: {err.msg} at column {err.colno}{hint}")
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[Where, object]]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield Where(str(path), index, unit="row"), row
+            index += 1
+
+
+def iter_groups(paths, *, skip_bad: bool = False,
+                skipped: list | None = None) -> Iterator[tuple[Where, str, ComparisonGroup]]:
+    """(where, format, group) for every good row of every file, in order."""
+    for path in paths:
+        stem = Path(path).stem
+        for where, row in iter_raw_rows(path):
+            try:
+                if isinstance(row, DataError):
+                    raise row
+                fmt, group = parse_row(row, where, default_id=f"{stem}:{where.line}")
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                if skipped is not None:
+                    skipped.append(err.as_skipped())
+                else:  # no list to report it in: say it here rather than drop it silently
+                    log.warning("skipped bad row: %s", err)
+                continue
+            yield where, fmt, group
+
+
+def read_groups(paths, *, skip_bad: bool = False, skipped: list | None = None) -> Iterator[ComparisonGroup]:
+    """The groups of every file, in order (see ``iter_groups``)."""
+    for _, _, group in iter_groups(paths, skip_bad=skip_bad, skipped=skipped):
+        yield group

@@ -1,0 +1,227 @@
+"""Stream batches from a prepared folder: per-rank shares, bounded shuffle, exact resume.
+
+    stream = ComparisonStream("data/train", rank=r, world_size=w, seed=0, batch_groups=16)
+    batches = iter(stream)
+    batch = next(batches)                 # a schema.Batch
+    state = stream.state_dict()           # JSON-serialisable; after the last batch handed out
+    stream2 = ComparisonStream("data/train", rank=r, world_size=w, seed=0, batch_groups=16)
+    stream2.load_state_dict(state)        # continues with the very next group
+
+Sharing: rows are numbered globally in shard order (manifest order); rank r of w reads
+the rows whose global index i has ``i % w == r`` (its share, ``num_groups`` rows; shares
+differ in size by at most one row).
+
+Shuffling (bounded memory): the share is cut into blocks of ``shuffle_buffer`` consecutive
+rows. Each epoch visits the blocks in an order drawn from (seed, epoch, rank) and each
+block's rows in an order drawn from (seed, epoch, rank, block); only one block is held in
+memory. The group order of an epoch is thus a pure function of (seed, epoch, rank, world
+size, shuffle_buffer), and the reader's whole state is a cursor (epoch, position): a
+resumed run neither skips nor repeats a group. Shards are memory-mapped and only the rows
+of the current block are materialised.
+
+Batching: ``batch_groups`` groups per batch, or with ``max_tokens`` as many groups as keep
+the padded size S * T within the budget (a group over budget alone is its own batch).
+``loop=True`` streams forever, epoch after epoch, batches running on across epoch ends (so
+data-parallel ranks never run dry at different times); ``loop=False`` is one pass to the
+end of the current epoch, the last batch possibly smaller.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from rankpm.engine.data.collate import collate
+from rankpm.engine.data.schema import SCHEMA_VERSION, SHARD_SCHEMA, Batch
+
+STATE_VERSION = 1
+MANIFEST = "manifest.json"
+OPEN_SHARDS = 8  # memory-mapped shards kept open at once
+
+
+class ReaderStateError(ValueError):
+    pass
+
+
+class ComparisonStream:
+    def __init__(self, data_dir: str | Path, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 1024, batch_groups: int = 8,
+                 max_tokens: int | None = None, loop: bool = True):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
+        for name, value in (("shuffle_buffer", shuffle_buffer), ("batch_groups", batch_groups)):
+            if value < 1:
+                raise ValueError(f"{name}={value}: expected a positive integer")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens}: expected a positive integer or None")
+        self.data_dir = Path(data_dir)
+        self.manifest = _read_manifest(self.data_dir)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.shuffle_buffer, self.loop = shuffle, shuffle_buffer, loop
+        self.batch_groups, self.max_tokens = batch_groups, max_tokens
+        self.pad_id = self.manifest["tokenizer"]["pad_id"]
+        self.eoc_id = self.manifest["tokenizer"]["eoc_id"]
+
+        self._shard_rows = np.array([s["rows"] for s in self.manifest["shards"]], dtype=np.int64)
+        self._shard_starts = np.concatenate([[0], np.cumsum(self._shard_rows)])
+        self.total_groups = int(self._shard_starts[-1])
+        self.num_groups = len(range(rank, self.total_groups, world_size))
+        if loop and self.num_groups == 0:
+            raise ValueError(f"{self.data_dir}: rank {rank} of {world_size} has no groups to loop over "
+                             f"(the data holds {self.total_groups})")
+        self._tables: OrderedDict[int, pa.Table] = OrderedDict()
+        self._layout_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._block_cache: tuple[tuple[int, int], list[dict]] | None = None
+        self._epoch, self._position = 0, 0  # the next group to hand out
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    # ----- state -----------------------------------------------------------------------
+
+    def _identity(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "shuffle": self.shuffle,
+                "shuffle_buffer": self.shuffle_buffer, "data": self.manifest["fingerprint"],
+                "num_groups": self.num_groups}
+
+    def state_dict(self) -> dict:
+        """The position after the last batch handed out, with what it is only valid for."""
+        return {"version": STATE_VERSION, **self._identity(), "epoch": self._epoch, "position": self._position,
+                "batch_groups": self.batch_groups, "max_tokens": self.max_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ReaderStateError(f"reader state version {state.get('version')!r}; this rankpm reads "
+                                   f"version {STATE_VERSION}")
+        here = self._identity()
+        diffs = [f"{key}: {state.get(key)!r} in the state, {value!r} here"
+                 for key, value in here.items() if state.get(key) != value]
+        if diffs:
+            raise ReaderStateError(f"reader state does not match this stream over {self.data_dir} "
+                                   f"(rank {self.rank}): " + "; ".join(diffs))
+        epoch, position = state["epoch"], state["position"]
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int)
+                and 0 <= position <= self.num_groups):
+            raise ReaderStateError(f"reader state position (epoch {epoch!r}, position {position!r}) is out "
+                                   f"of range for a share of {self.num_groups} groups")
+        if position == self.num_groups and self.num_groups > 0:
+            epoch, position = epoch + 1, 0
+        self._epoch, self._position = epoch, position
+
+    # ----- batches ---------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        rows, after, sequences, longest = [], None, 0, 0
+        for row, cursor in self._walk(self._epoch, self._position, self.loop):
+            if self.max_tokens is None:
+                rows.append(row)
+                after = cursor
+                if len(rows) == self.batch_groups:
+                    yield self._emit(rows, after)
+                    rows = []
+                continue
+            k = len(row["response_ids"])
+            t = max(len(row["context_ids"]) + len(r) + 1 for r in row["response_ids"])
+            if rows and (sequences + k) * max(longest, t) > self.max_tokens:
+                yield self._emit(rows, after)
+                rows, sequences, longest = [], 0, 0
+            rows.append(row)
+            after, sequences, longest = cursor, sequences + k, max(longest, t)
+        if rows:
+            yield self._emit(rows, after)
+
+    def _emit(self, rows: list[dict], after: tuple[int, int]) -> Batch:
+        self._epoch, self._position = after  # state_dict() now points past these rows
+        return collate(rows, self.pad_id, self.eoc_id)
+
+    def iter_rows(self) -> Iterator[dict]:
+        """One pass over this rank's share in the current epoch's order; no batching, no state change."""
+        for row, _ in self._walk(self._epoch, 0, loop=False):
+            yield row
+
+    def _walk(self, epoch: int, position: int, loop: bool) -> Iterator[tuple[dict, tuple[int, int]]]:
+        """(row, cursor after it) from (epoch, position) on."""
+        n = self.num_groups
+        if n == 0:
+            return
+        while True:
+            order, starts = self._layout(epoch)
+            b = int(np.searchsorted(starts, position, side="right")) - 1
+            while b < len(order):
+                block = self._block(epoch, int(order[b]))
+                for offset in range(position - int(starts[b]), len(block)):
+                    position = int(starts[b]) + offset + 1
+                    yield block[offset], ((epoch + 1, 0) if position == n else (epoch, position))
+                b += 1
+            if not loop:
+                return
+            epoch, position = epoch + 1, 0
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's block order and the share position where each visited block starts."""
+        if self._layout_cache is None or self._layout_cache[0] != epoch:
+            blocks = -(-self.num_groups // self.shuffle_buffer)
+            order = np.arange(blocks)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(blocks)
+            sizes = np.minimum(self.shuffle_buffer, self.num_groups - order * self.shuffle_buffer)
+            self._layout_cache = (epoch, order, np.concatenate([[0], np.cumsum(sizes)]))
+        return self._layout_cache[1], self._layout_cache[2]
+
+    def _block(self, epoch: int, block: int) -> list[dict]:
+        key = (epoch if self.shuffle else 0, block)
+        if self._block_cache is None or self._block_cache[0] != key:
+            first = block * self.shuffle_buffer
+            share = np.arange(first, min(first + self.shuffle_buffer, self.num_groups))
+            if self.shuffle:
+                share = np.random.default_rng([self.seed, epoch, self.rank, 1 + block]).permutation(share)
+            self._block_cache = (key, self._read(share * self.world_size + self.rank))
+        return self._block_cache[1]
+
+    def _read(self, rows: np.ndarray) -> list[dict]:
+        """Rows by global index, in the given order."""
+        shard_of = np.searchsorted(self._shard_starts, rows, side="right") - 1
+        out: list[dict | None] = [None] * len(rows)
+        for shard in np.unique(shard_of):
+            where = np.nonzero(shard_of == shard)[0]
+            local = rows[where] - self._shard_starts[shard]
+            for i, row in zip(where, self._table(int(shard)).take(pa.array(local)).to_pylist()):
+                out[i] = row
+        return out
+
+    def _table(self, shard: int) -> pa.Table:
+        if shard in self._tables:
+            self._tables.move_to_end(shard)
+            return self._tables[shard]
+        entry = self.manifest["shards"][shard]
+        path = self.data_dir / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: shard listed in {self.data_dir / MANIFEST} is missing")
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()  # zero-copy over the map
+        if not table.schema.equals(SHARD_SCHEMA, check_metadata=False):
+            raise ValueError(f"{path}: shard schema {table.schema} differs from SHARD_SCHEMA {SHARD_SCHEMA}")
+        if table.num_rows != entry["rows"]:
+            raise ValueError(f"{path}: holds {table.num_rows} rows, the manifest says {entry['rows']}")
+        self._tables[shard] = table
+        if len(self._tables) > OPEN_SHARDS:
+            self._tables.popitem(last=False)
+        return table
+
+
+def _read_manifest(data_dir: Path) -> dict:
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{data_dir}: not a prepared folder (no {MANIFEST}); run `rankpm prepare` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema version {manifest.get('schema_version')!r}, this rankpm reads "
+                         f"version {SCHEMA_VERSION}; prepare the data again")
+    listed = sum(s["rows"] for s in manifest["shards"])
+    if listed != manifest["counts"]["groups"]:
+        raise ValueError(f"{path}: shards list {listed} rows but counts.groups is {manifest['counts']['groups']}")
+    return manifest

@@ -1,0 +1,180 @@
+"""The streaming reader: rank shares, deterministic shuffle, batching, exact resume; collate."""
+import itertools
+import json
+
+import pytest
+import torch
+
+from rankpm.engine.data.collate import collate
+from rankpm.engine.data.prepare import prepare
+from rankpm.engine.data.stream import ComparisonStream, ReaderStateError
+from rankpm.engine.data.synthetic import generate
+
+GROUPS = 53  # not a multiple of anything below: uneven shares, a short last block and shard
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    src = generate(root / "syn.jsonl", groups=GROUPS, seed=4)
+    prepare([src], root / "data", "bytes", max_length=160, rows_per_shard=12)  # 5 shards
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def other_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("other")
+    src = generate(root / "syn.jsonl", groups=GROUPS, seed=5)
+    prepare([src], root / "data", "bytes", max_length=160)
+    return root / "data"
+
+
+def ids(batches):
+    return [i for b in batches for i in b.ids]
+
+
+def one_pass(data_dir, **kw):
+    return ids(ComparisonStream(data_dir, loop=False, **kw))
+
+
+def test_rank_shares_are_disjoint_cover_the_data_and_follow_the_global_index(data_dir):
+    everything = one_pass(data_dir, shuffle=False)
+    assert len(everything) == len(set(everything)) == GROUPS
+    for world in (1, 2, 3, 4):
+        shares = [one_pass(data_dir, rank=r, world_size=world, seed=1, shuffle_buffer=5) for r in range(world)]
+        assert sorted(itertools.chain(*shares)) == sorted(everything)
+        for r, share in enumerate(shares):
+            assert sorted(share) == sorted(everything[r::world])  # global row index % world == rank
+            assert ComparisonStream(data_dir, rank=r, world_size=world).num_groups == len(share)
+
+
+def test_shuffle_is_deterministic_by_seed_epoch_and_rank(data_dir):
+    kw = dict(rank=1, world_size=2, shuffle_buffer=8, batch_groups=4)
+    a, b = (ids(itertools.islice(ComparisonStream(data_dir, seed=3, **kw), 20)) for _ in range(2))
+    assert a == b
+    share = ComparisonStream(data_dir, seed=3, **kw).num_groups  # 26
+    epoch0, epoch1 = a[:share], a[share:2 * share]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1  # each epoch a new order
+    assert ids(itertools.islice(ComparisonStream(data_dir, seed=4, **kw), 20)) != a
+    assert one_pass(data_dir, shuffle=False, **kw) == sorted(epoch0, key=one_pass(data_dir, shuffle=False).index)
+
+
+def test_batches_by_group_count(data_dir):
+    batches = list(ComparisonStream(data_dir, shuffle=False, batch_groups=8, loop=False))
+    assert [b.num_groups for b in batches] == [8] * 6 + [5]
+    looped = list(itertools.islice(ComparisonStream(data_dir, batch_groups=8), 20))
+    assert all(b.num_groups == 8 for b in looped)  # batches run on across epoch ends
+
+
+def test_batches_by_token_budget(data_dir):
+    budget = 1200
+    batches = list(ComparisonStream(data_dir, seed=2, max_tokens=budget, loop=False))
+    assert sorted(ids(batches)) == sorted(one_pass(data_dir))
+    for b in batches:
+        padded = b.input_ids.shape[0] * b.input_ids.shape[1]
+        assert padded <= budget or b.num_groups == 1
+    assert max(b.num_groups for b in batches) > 1
+    # a budget smaller than any group: every group alone in its batch
+    alone = list(ComparisonStream(data_dir, max_tokens=10, loop=False))
+    assert [b.num_groups for b in alone] == [1] * GROUPS
+
+
+def test_loop_runs_forever_and_counts_epochs(data_dir):
+    stream = ComparisonStream(data_dir, batch_groups=10)
+    got = ids(itertools.islice(stream, 30))  # 300 groups: 5 epochs and then some
+    assert len(got) == 300 and stream.epoch == 5 and stream.state_dict()["position"] == 300 - 5 * GROUPS
+    for e in range(5):
+        assert sorted(got[e * GROUPS:(e + 1) * GROUPS]) == sorted(one_pass(data_dir))
+
+
+def test_one_pass_stream_starts_the_next_pass_when_iterated_again(data_dir):
+    stream = ComparisonStream(data_dir, batch_groups=10, loop=False)
+    first, second = ids(stream), ids(stream)
+    assert sorted(first) == sorted(second) and first != second and stream.epoch == 2
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("budget", [None, 900])
+def test_resume_neither_skips_nor_repeats(data_dir, world, budget):
+    """Consume n batches, save, rebuild, load: the concatenation equals an uninterrupted run."""
+    kw = dict(world_size=world, seed=11, shuffle_buffer=6, batch_groups=4, max_tokens=budget)
+    for rank in range(world):
+        straight = ids(itertools.islice(ComparisonStream(data_dir, rank=rank, **kw), 40))
+        for n in (1, 7, 13, 22):  # cuts in the first, second and later epochs
+            first = ComparisonStream(data_dir, rank=rank, **kw)
+            head = ids(itertools.islice(iter(first), n))
+            state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+            second = ComparisonStream(data_dir, rank=rank, **kw)
+            second.load_state_dict(state)
+            tail = ids(itertools.islice(iter(second), 40 - n))
+            assert head + tail == straight, (rank, n)
+
+
+def test_resume_of_a_one_pass_stream(data_dir):
+    kw = dict(seed=1, shuffle_buffer=5, batch_groups=3, loop=False)
+    straight = ids(ComparisonStream(data_dir, **kw))
+    first = ComparisonStream(data_dir, **kw)
+    head = ids(itertools.islice(iter(first), 4))
+    second = ComparisonStream(data_dir, **kw)
+    second.load_state_dict(first.state_dict())
+    assert head + ids(second) == straight
+
+
+def test_a_mismatched_state_is_refused_with_what_differs(data_dir, other_dir):
+    state = ComparisonStream(data_dir, rank=0, world_size=2, seed=1).state_dict()
+    with pytest.raises(ReaderStateError, match=r"world_size: 2 in the state, 4 here"):
+        ComparisonStream(data_dir, rank=0, world_size=4, seed=1).load_state_dict(state)
+    with pytest.raises(ReaderStateError, match=r"seed: 1 in the state, 2 here"):
+        ComparisonStream(data_dir, rank=0, world_size=2, seed=2).load_state_dict(state)
+    with pytest.raises(ReaderStateError, match=r"rank: 0 in the state, 1 here"):
+        ComparisonStream(data_dir, rank=1, world_size=2, seed=1).load_state_dict(state)
+    with pytest.raises(ReaderStateError, match=r"data: '[0-9a-f]{64}' in the state, '[0-9a-f]{64}' here"):
+        ComparisonStream(other_dir, rank=0, world_size=2, seed=1).load_state_dict(state)
+    with pytest.raises(ReaderStateError, match=r"reader state version 99"):
+        ComparisonStream(data_dir, rank=0, world_size=2, seed=1).load_state_dict(dict(state, version=99))
+    # the batch size is not part of the position: changing it on resume is allowed
+    ComparisonStream(data_dir, rank=0, world_size=2, seed=1, batch_groups=3).load_state_dict(state)
+
+
+def test_manifest_and_argument_checks(data_dir, tmp_path):
+    stream = ComparisonStream(data_dir)
+    assert stream.manifest["counts"]["groups"] == GROUPS == stream.num_groups
+    assert (stream.pad_id, stream.eoc_id) == (256, 257)
+    with pytest.raises(ValueError, match="expected 0 <= rank < world_size"):
+        ComparisonStream(data_dir, rank=2, world_size=2)
+    with pytest.raises(FileNotFoundError, match="not a prepared folder"):
+        ComparisonStream(tmp_path)
+    with pytest.raises(ValueError, match="rank 60 of 64 has no groups"):
+        ComparisonStream(data_dir, rank=60, world_size=64)
+    assert ids(ComparisonStream(data_dir, rank=60, world_size=64, loop=False)) == []
+
+
+def test_batches_are_well_formed(data_dir):
+    batch = next(iter(ComparisonStream(data_dir, batch_groups=5)))
+    S, T = batch.input_ids.shape
+    assert batch.group_offsets[-1] == S == batch.ranks.numel() and batch.margin.shape == (5,)
+    rows = torch.arange(S)
+    assert (batch.input_ids[rows, batch.score_index] == 257).all()
+    assert (batch.attention_mask.sum(1) == batch.score_index + 1).all()
+    assert not batch.response_mask[rows, batch.score_index].any()
+    assert set(batch.sources) <= {"helpful", "honest", "harmless"}
+
+
+def test_collate_by_hand_with_pad_equal_to_eoc():
+    """pad_id == eoc_id: the score position comes from the lengths, never from the ids."""
+    rows = [{"id": "a", "source": "s", "turns": 2, "margin": None, "ranks": [0, 1],
+             "context_ids": [5, 6], "response_ids": [[7], [8, 9, 10]]},
+            {"id": "b", "source": "t", "turns": 1, "margin": 0.5, "ranks": [1, 0],
+             "context_ids": [], "response_ids": [[11], [12]]}]
+    batch = collate(rows, pad_id=0, eoc_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 0, 0, 0],
+                                        [5, 6, 8, 9, 10, 0],
+                                        [11, 0, 0, 0, 0, 0],
+                                        [12, 0, 0, 0, 0, 0]]
+    assert batch.score_index.tolist() == [3, 5, 1, 1]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert batch.response_mask.int().tolist() == [[0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0],
+                                                  [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert batch.group_offsets.tolist() == [0, 2, 4] and batch.ranks.tolist() == [0, 1, 1, 0]
+    assert batch.margin.tolist() == [0.0, 0.5] and batch.turns.tolist() == [2, 1]
+    assert batch.ids == ["a", "b"] and batch.sources == ["s", "t"] and batch.num_tokens == 4 + 6 + 2 + 2

@@ -1,0 +1,89 @@
+"""The training loop: it learns, its checkpoints are atomic, and resume is exact."""
+import json
+
+import pytest
+
+from rankpm.engine.checkpoint import CheckpointError, latest_checkpoint
+from rankpm.engine.config import from_dict
+from rankpm.engine.scoring import RewardScorer
+from rankpm.engine.train import train
+
+
+def tiny_config(out_dir, **train_overrides):
+    return from_dict({
+        "model": {"backbone": "gpt2", "preset": "tiny"},
+        "data": {"synthetic": {"train_groups": 96, "eval_groups": 32, "seed": 3},
+                 "max_length": 192, "batch_groups": 8, "shuffle_buffer": 32},
+        "train": {"out_dir": str(out_dir), "lr": 2e-3, "warmup_steps": 2, "log_every": 1,
+                  "progress": False, **train_overrides},
+    })
+
+
+def train_rows(out_dir):
+    """The last logged train row of each step (a resumed run logs some steps twice)."""
+    rows = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == "train":
+            rows[row["step"]] = row
+    return rows
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    first = train(tiny_config(straight, max_steps=6, save_every=3))
+
+    resumed = tmp_path / "resumed"
+
+    def crash_at_step_5(row):
+        if row["kind"] == "train" and row["step"] == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(tiny_config(resumed, max_steps=6, save_every=3), on_record=crash_at_step_5)
+    assert latest_checkpoint(resumed).name == "step_00000003"
+    summary = train(tiny_config(resumed, max_steps=6, save_every=3))
+
+    a, b = train_rows(straight), train_rows(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
+        assert b[step]["pairs_seen"] == a[step]["pairs_seen"]  # no batch skipped or repeated
+    assert summary["steps"] == 6
+    assert summary["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-5)
+
+
+def test_checkpoints_keep_the_last_n_and_latest_points_at_a_complete_one(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(out, max_steps=6, save_every=2, keep_last=2))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step_00000004", "step_00000006"]
+    assert latest_checkpoint(out).name == "step_00000006"
+    meta = json.loads((out / "checkpoints" / "step_00000006" / "trainer.json").read_text())
+    assert meta["step"] == 6 and meta["world_size"] == 1 and meta["config"]["train"]["max_steps"] == 6
+
+
+def test_a_dangling_latest_pointer_is_reported(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "latest").write_text("step_00000009\n")
+    with pytest.raises(CheckpointError, match="names step_00000009, which is missing or incomplete"):
+        latest_checkpoint(tmp_path)
+
+
+@pytest.mark.slow
+def test_short_run_learns_well_above_chance_and_exports_a_scorer(tmp_path):
+    cfg = from_dict({
+        "model": {"backbone": "gpt2", "preset": "tiny"},
+        "data": {"synthetic": {"train_groups": 1200, "eval_groups": 200, "seed": 1}, "batch_groups": 16},
+        "train": {"out_dir": str(tmp_path / "run"), "lr": 2e-3, "epochs": 1, "progress": False},
+    })
+    summary = train(cfg)
+    assert summary["eval_accuracy"] > 0.75, summary
+    scorer = RewardScorer.from_folder(summary["model"])
+    scores = scorer.score("\n\nHuman: hello\n\nAssistant:", ["a reply", "another reply", "x"])
+    assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
