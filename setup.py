@@ -8,6 +8,7 @@ from setuptools import setup
 PACKAGES = {
     "rankpm.engine": "engine",
     "rankpm.engine.data": "engine/data",
+    "rankpm.engine.experiments": "engine/experiments",
     "rankpm.kernels": "kernels",
     "rankpm.cluster": "cluster",
 }
@@ -25,7 +26,7 @@ setup(
         "torch>=2.4",
         "triton>=3.0",
         "deepspeed>=0.15",
-        "ray[default]>=2.30",
+        "ray[default,train]>=2.30",
         "pyarrow>=14",
         "transformers>=4.45",
         "tokenizers>=0.19",

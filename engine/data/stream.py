@@ -7,17 +7,18 @@
     stream2 = ComparisonStream("data/train", rank=r, world_size=w, seed=0, batch_groups=16)
     stream2.load_state_dict(state)        # continues with the very next group
 
-Sharing: rows are numbered globally in shard order (manifest order); rank r of w reads
-the rows whose global index i has ``i % w == r`` (its share, ``num_groups`` rows; shares
-differ in size by at most one row).
-
-Shuffling (bounded memory): the share is cut into blocks of ``shuffle_buffer`` consecutive
-rows. Each epoch visits the blocks in an order drawn from (seed, epoch, rank) and each
-block's rows in an order drawn from (seed, epoch, rank, block); only one block is held in
-memory. The group order of an epoch is thus a pure function of (seed, epoch, rank, world
-size, shuffle_buffer), and the reader's whole state is a cursor (epoch, position): a
-resumed run neither skips nor repeats a group. Shards are memory-mapped and only the rows
-of the current block are materialised.
+Order and sharing: one global order per epoch, the same whatever the number of ranks.
+Rows are numbered in shard order (manifest order) and cut into blocks of ``shuffle_buffer``
+consecutive rows; epoch e visits the blocks in an order drawn from (seed, e) and each
+block's rows in an order drawn from (seed, e, block). Positions in this order run on
+across epochs (q = e * N + p); rank r of w takes the positions whose unit ``q // interleave``
+satisfies ``unit % w == r``. With ``interleave = batch_groups`` (the default when batching
+by group count), micro-batch m of rank r in a step is exactly micro-batch ``m * w + r`` of
+one rank with w times the accumulation: one worker with accumulation 2 and two workers
+with accumulation 1 see the same groups in the same micro-batches. Only one block is held
+in memory (the rank's part of it); shards are memory-mapped. The reader's whole state is
+a cursor (epoch, position) in the global order: a resumed run neither skips nor repeats
+a group.
 
 Batching: ``batch_groups`` groups per batch, or with ``max_tokens`` as many groups as keep
 the padded size S * T within the budget (a group over budget alone is its own batch).
@@ -50,7 +51,7 @@ class ReaderStateError(ValueError):
 class ComparisonStream:
     def __init__(self, data_dir: str | Path, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1024, batch_groups: int = 8,
-                 max_tokens: int | None = None, loop: bool = True):
+                 max_tokens: int | None = None, loop: bool = True, interleave: int | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
         for name, value in (("shuffle_buffer", shuffle_buffer), ("batch_groups", batch_groups)):
@@ -69,13 +70,15 @@ class ComparisonStream:
         self._shard_rows = np.array([s["rows"] for s in self.manifest["shards"]], dtype=np.int64)
         self._shard_starts = np.concatenate([[0], np.cumsum(self._shard_rows)])
         self.total_groups = int(self._shard_starts[-1])
-        self.num_groups = len(range(rank, self.total_groups, world_size))
+        # ranks alternate by whole micro-batches; one rank needs no interleave at all
+        self.interleave = 1 if world_size == 1 else (interleave or (batch_groups if max_tokens is None else 1))
+        self.num_groups = self._share_size()  # this rank's groups in one pass over epoch 0
         if loop and self.num_groups == 0:
             raise ValueError(f"{self.data_dir}: rank {rank} of {world_size} has no groups to loop over "
                              f"(the data holds {self.total_groups})")
         self._tables: OrderedDict[int, pa.Table] = OrderedDict()
         self._layout_cache: tuple[int, np.ndarray, np.ndarray] | None = None
-        self._block_cache: tuple[tuple[int, int], list[dict]] | None = None
+        self._block_cache: tuple[tuple[int, int], np.ndarray] | None = None
         self._epoch, self._position = 0, 0  # the next group to hand out
 
     @property
@@ -86,8 +89,8 @@ class ComparisonStream:
 
     def _identity(self) -> dict:
         return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "shuffle": self.shuffle,
-                "shuffle_buffer": self.shuffle_buffer, "data": self.manifest["fingerprint"],
-                "num_groups": self.num_groups}
+                "shuffle_buffer": self.shuffle_buffer, "interleave": self.interleave,
+                "data": self.manifest["fingerprint"]}
 
     def state_dict(self) -> dict:
         """The position after the last batch handed out, with what it is only valid for."""
@@ -106,10 +109,10 @@ class ComparisonStream:
                                    f"(rank {self.rank}): " + "; ".join(diffs))
         epoch, position = state["epoch"], state["position"]
         if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int)
-                and 0 <= position <= self.num_groups):
+                and 0 <= position <= self.total_groups):
             raise ReaderStateError(f"reader state position (epoch {epoch!r}, position {position!r}) is out "
-                                   f"of range for a share of {self.num_groups} groups")
-        if position == self.num_groups and self.num_groups > 0:
+                                   f"of range for data of {self.total_groups} groups")
+        if position == self.total_groups and self.total_groups > 0:
             epoch, position = epoch + 1, 0
         self._epoch, self._position = epoch, position
 
@@ -144,43 +147,55 @@ class ComparisonStream:
         for row, _ in self._walk(self._epoch, 0, loop=False):
             yield row
 
+    def _share_size(self) -> int:
+        n, unit = self.total_groups, self.interleave
+        mine = range(self.rank, -(-n // unit), self.world_size)
+        return sum(min(unit, n - u * unit) for u in mine)
+
     def _walk(self, epoch: int, position: int, loop: bool) -> Iterator[tuple[dict, tuple[int, int]]]:
-        """(row, cursor after it) from (epoch, position) on."""
-        n = self.num_groups
-        if n == 0:
+        """(row, cursor after it) for this rank's positions from (epoch, position) on."""
+        n = self.total_groups
+        if self.num_groups == 0:
             return
         while True:
             order, starts = self._layout(epoch)
+            base = epoch * n
             b = int(np.searchsorted(starts, position, side="right")) - 1
             while b < len(order):
-                block = self._block(epoch, int(order[b]))
-                for offset in range(position - int(starts[b]), len(block)):
-                    position = int(starts[b]) + offset + 1
-                    yield block[offset], ((epoch + 1, 0) if position == n else (epoch, position))
+                lo, hi = max(position, int(starts[b])), int(starts[b + 1])
+                spots = np.arange(lo, hi)
+                spots = spots[((base + spots) // self.interleave) % self.world_size == self.rank]
+                if len(spots):
+                    rows = self._block(epoch, int(order[b]))[spots - int(starts[b])]
+                    for spot, row in zip(spots.tolist(), self._read(rows)):
+                        yield row, ((epoch + 1, 0) if spot + 1 == n else (epoch, spot + 1))
+                position = hi
                 b += 1
             if not loop:
                 return
             epoch, position = epoch + 1, 0
 
     def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This epoch's block order and the share position where each visited block starts."""
+        """This epoch's block order and the position where each visited block starts."""
         if self._layout_cache is None or self._layout_cache[0] != epoch:
-            blocks = -(-self.num_groups // self.shuffle_buffer)
+            n, size = self.total_groups, self.shuffle_buffer
+            blocks = -(-n // size)
             order = np.arange(blocks)
             if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(blocks)
-            sizes = np.minimum(self.shuffle_buffer, self.num_groups - order * self.shuffle_buffer)
+                order = np.random.default_rng([self.seed, epoch]).permutation(blocks)
+            sizes = np.minimum(size, n - order * size)
             self._layout_cache = (epoch, order, np.concatenate([[0], np.cumsum(sizes)]))
         return self._layout_cache[1], self._layout_cache[2]
 
-    def _block(self, epoch: int, block: int) -> list[dict]:
+    def _block(self, epoch: int, block: int) -> np.ndarray:
+        """Global row indices of a block, in this epoch's order within it."""
         key = (epoch if self.shuffle else 0, block)
         if self._block_cache is None or self._block_cache[0] != key:
             first = block * self.shuffle_buffer
-            share = np.arange(first, min(first + self.shuffle_buffer, self.num_groups))
+            rows = np.arange(first, min(first + self.shuffle_buffer, self.total_groups))
             if self.shuffle:
-                share = np.random.default_rng([self.seed, epoch, self.rank, 1 + block]).permutation(share)
-            self._block_cache = (key, self._read(share * self.world_size + self.rank))
+                rows = np.random.default_rng([self.seed, epoch, 1 + block]).permutation(rows)
+            self._block_cache = (key, rows)
         return self._block_cache[1]
 
     def _read(self, rows: np.ndarray) -> list[dict]:

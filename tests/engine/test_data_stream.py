@@ -37,26 +37,39 @@ def one_pass(data_dir, **kw):
     return ids(ComparisonStream(data_dir, loop=False, **kw))
 
 
-def test_rank_shares_are_disjoint_cover_the_data_and_follow_the_global_index(data_dir):
+def test_rank_shares_are_disjoint_cover_the_data_and_interleave_the_global_order(data_dir):
     everything = one_pass(data_dir, shuffle=False)
     assert len(everything) == len(set(everything)) == GROUPS
     for world in (1, 2, 3, 4):
-        shares = [one_pass(data_dir, rank=r, world_size=world, seed=1, shuffle_buffer=5) for r in range(world)]
+        order = one_pass(data_dir, seed=1, shuffle_buffer=5)  # the global order of epoch 0
+        shares = [one_pass(data_dir, rank=r, world_size=world, seed=1, shuffle_buffer=5, batch_groups=4)
+                  for r in range(world)]
         assert sorted(itertools.chain(*shares)) == sorted(everything)
         for r, share in enumerate(shares):
-            assert sorted(share) == sorted(everything[r::world])  # global row index % world == rank
-            assert ComparisonStream(data_dir, rank=r, world_size=world).num_groups == len(share)
+            # rank r takes whole units of batch_groups positions: unit % world == rank
+            assert share == [g for p, g in enumerate(order) if (p // 4) % world == r]
+            assert ComparisonStream(data_dir, rank=r, world_size=world, batch_groups=4).num_groups == len(share)
 
 
-def test_shuffle_is_deterministic_by_seed_epoch_and_rank(data_dir):
+def test_one_worker_with_accumulation_sees_what_two_workers_see(data_dir):
+    """Micro-batch m of rank r is micro-batch m * world + r of a single rank."""
+    single = list(itertools.islice(ComparisonStream(data_dir, seed=2, batch_groups=4, shuffle_buffer=8), 14))
+    ranks = [list(itertools.islice(ComparisonStream(data_dir, rank=r, world_size=2, seed=2, batch_groups=4,
+                                                    shuffle_buffer=8), 7)) for r in (0, 1)]
+    for m in range(7):
+        for r in (0, 1):
+            assert ranks[r][m].ids == single[2 * m + r].ids
+
+
+def test_shuffle_is_deterministic_by_seed_and_epoch(data_dir):
     kw = dict(rank=1, world_size=2, shuffle_buffer=8, batch_groups=4)
     a, b = (ids(itertools.islice(ComparisonStream(data_dir, seed=3, **kw), 20)) for _ in range(2))
     assert a == b
-    share = ComparisonStream(data_dir, seed=3, **kw).num_groups  # 26
-    epoch0, epoch1 = a[:share], a[share:2 * share]
-    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1  # each epoch a new order
     assert ids(itertools.islice(ComparisonStream(data_dir, seed=4, **kw), 20)) != a
-    assert one_pass(data_dir, shuffle=False, **kw) == sorted(epoch0, key=one_pass(data_dir, shuffle=False).index)
+    everything = one_pass(data_dir, seed=3, shuffle_buffer=8)
+    looped = ids(itertools.islice(ComparisonStream(data_dir, seed=3, shuffle_buffer=8, batch_groups=1), 2 * GROUPS))
+    epoch0, epoch1 = looped[:GROUPS], looped[GROUPS:]
+    assert epoch0 == everything and sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1  # a new order each epoch
 
 
 def test_batches_by_group_count(data_dir):
@@ -132,8 +145,12 @@ def test_a_mismatched_state_is_refused_with_what_differs(data_dir, other_dir):
         ComparisonStream(other_dir, rank=0, world_size=2, seed=1).load_state_dict(state)
     with pytest.raises(ReaderStateError, match=r"reader state version 99"):
         ComparisonStream(data_dir, rank=0, world_size=2, seed=1).load_state_dict(dict(state, version=99))
-    # the batch size is not part of the position: changing it on resume is allowed
-    ComparisonStream(data_dir, rank=0, world_size=2, seed=1, batch_groups=3).load_state_dict(state)
+    # with several ranks the batch size decides which groups are whose: refused
+    with pytest.raises(ReaderStateError, match=r"interleave: 8 in the state, 3 here"):
+        ComparisonStream(data_dir, rank=0, world_size=2, seed=1, batch_groups=3).load_state_dict(state)
+    # one rank owns every group: its batch size may change on resume
+    single = ComparisonStream(data_dir, seed=1).state_dict()
+    ComparisonStream(data_dir, seed=1, batch_groups=3).load_state_dict(single)
 
 
 def test_manifest_and_argument_checks(data_dir, tmp_path):
