@@ -27,16 +27,19 @@ By-products (unweighted, over all pairs of the batch, no host sync):
     accuracy    fraction of pairs with r_b > r_w
     mean_gap    mean of r_b - r_w
 
-Triton path: one launch for the forward (which also writes the unnormalised gradient
-when autograd needs it) and one launch for the backward (a scale by grad_output). Each
-program owns GROUPS_PER_PROG whole groups and walks the K x K pairs of each in
-BLOCK_K x BLOCK_K register tiles, so no [G, K, K] tensor is ever in memory; the last
+Triton path: one launch for the forward (which also writes D * dL/dr, with the group
+factor folded in, when autograd needs it) and one launch for the backward (a flat scale
+by grad_output / D). The forward tiles each group's K x K pairs in BLOCK_K x BLOCK_K
+register tiles, GROUPS_PER_PROG groups at a time, BLOCK_K chosen on the host from the
+mean group size S/G (no sync; larger groups take several tiles), so no [G, K, K] tensor
+is ever in memory; a bounded grid walks the group blocks grid-stride, and the last
 program to finish (an atomic ticket) reduces the per-program partial sums in a fixed
 order (deterministic) and writes loss and metrics. All arithmetic is fp32 whatever the
 score dtype.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
@@ -163,125 +166,224 @@ def ranked_preference_loss_reference(
 
 
 # --------------------------------------------------------------------------- kernel
+#
+# The forward visits every ordered (i, j) of a group once. With
+#     s_ij = +1 if (i, j) is a pair (i better), -1 if (j, i) is a pair (j better), 0 else
+# every pair appears twice, as (b, w) and as (w, b), and both see the same
+# z = s_ij (r_j - r_i) + m_g = r_w - r_b + m_g (IEEE subtraction is exactly antisymmetric).
+# So one exp and one reciprocal per (i, j) give
+#     dL/dr_j * D / c_g = +sum_i s_ij sigma(z_ij)        (a column sum)
+#     loss, pair count, correct pairs, gap = half the sums over all (i, j)
+# A (GB, BK, BK) tile lives in one 3-D register layout: rows i are loaded as (GB, BK, 1)
+# and columns j as (GB, 1, BK), so broadcasts need no shared memory, and in the layout
+# Triton gives the column loads each thread holds all rows of its column, so the column
+# sums (gradient and the per-column accumulators) never cross lanes.
 
 if triton is not None:
 
     @triton.jit
+    def _load_rows(scores_ptr, ranks_ptr, start, size, gmask, k):
+        """Scores (fp32), ranks and validity of elements k of each group; start, size and
+        gmask are (GB, 1, 1) and k is (1, BK, 1) or (1, 1, BK), so everything stays in one
+        3-D register layout and broadcasts without shared-memory shuffles."""
+        mask = gmask & (k < size)
+        ptr = start + k
+        r = tl.load(scores_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(ranks_ptr + ptr, mask=mask, other=0)
+        return r, q, mask, ptr
+
+    @triton.jit
+    def _load_bounds(offsets_ptr, g, G):
+        """First and one-past-last element of groups g, (GB, 1, 1) int64; empty past G."""
+        gmask = g < G
+        return (tl.load(offsets_ptr + g, mask=gmask, other=0).to(tl.int64),
+                tl.load(offsets_ptr + g + 1, mask=gmask, other=0).to(tl.int64))
+
+    @triton.jit
+    def _rank_levels_around(qi, ranks_ptr, start, size, gmask, kmax, BLOCK_K: tl.constexpr):
+        """Next and previous distinct rank level of each row i over its group: (GB, BK, 1) int64."""
+        kj = tl.arange(0, BLOCK_K)[None, None, :]
+        qi = qi.to(tl.int64)
+        nxt = tl.full(qi.shape, 2**62, tl.int64)
+        prv = tl.full(qi.shape, -(2**62), tl.int64)
+        for j0 in range(0, kmax, BLOCK_K):
+            jmask = gmask & (j0 + kj < size)
+            qj = tl.load(ranks_ptr + start + j0 + kj, mask=jmask, other=0).to(tl.int64)
+            nxt = tl.minimum(nxt, tl.min(tl.where(jmask & (qj > qi), qj, 2**62), axis=2,
+                                         keep_dims=True))
+            prv = tl.maximum(prv, tl.max(tl.where(jmask & (qj < qi), qj, -(2**62)), axis=2,
+                                         keep_dims=True))
+        return nxt, prv
+
+    @triton.jit
+    def _pair_sign(qi, qj, imask, jmask, nxt, prv, ADJACENT: tl.constexpr):
+        """s_ij of the comment above as fp32, (GB, BK, BK), from row (GB, BK, 1) and column
+        (GB, 1, BK) ranks; nxt/prv only read when ADJACENT."""
+        if ADJACENT:
+            qj = qj.to(tl.int64)
+            better = qj == nxt  # j is the next level after i
+            worse = qj == prv   # j is the level just before i
+        else:  # compare in the ranks' own dtype
+            better = qi < qj
+            worse = qi > qj
+        s = better.to(tl.float32) - worse.to(tl.float32)
+        return tl.where(imask & jmask, s, 0.0)
+
+    @triton.jit
+    def _softplus_sigmoid(z):
+        """softplus(z) and sigma(z), fp32, with one exp and one reciprocal.
+
+        With e = exp(-|z|): softplus = max(z, 0) + log(1 + e), sigma = (z >= 0 ? 1 : e)/(1 + e),
+        and log(1 + e) = 2 atanh(t), t = e / (2 + e) in [0, 1/3], summed as its odd series to
+        t^13 (truncation < 2e-8 relative; 3e-7 worst case in fp32 against float64 log1p).
+        That is a fifth of the instructions of tl.log's general-range polynomial, which
+        dominated the kernel, and stays accurate as e -> 0. 1/(1+e) and 1/(2+e) share one
+        reciprocal.
+        """
+        e = tl.exp(-tl.abs(z))
+        one_e = 1.0 + e
+        two_e = 2.0 + e
+        r = 1.0 / (one_e * two_e)
+        t = e * (one_e * r)
+        t2 = t * t
+        p = t2 * (1.0 / 13.0) + (1.0 / 11.0)
+        p = p * t2 + (1.0 / 9.0)
+        p = p * t2 + (1.0 / 7.0)
+        p = p * t2 + (1.0 / 5.0)
+        p = p * t2 + (1.0 / 3.0)
+        p = p * t2 + 1.0
+        softplus = tl.maximum(z, 0.0) + 2.0 * t * p
+        sigmoid = tl.where(z >= 0.0, 1.0, e) * (two_e * r)
+        return softplus, sigmoid
+
+    @triton.jit(do_not_specialize=["G", "num_programs"])  # no recompiles as G changes
     def _ranked_loss_fwd_kernel(
         scores_ptr, ranks_ptr, offsets_ptr, margin_ptr, weight_ptr,
-        graw_ptr,      # (S,) fp32 out: sum over the element's pairs of -+sigmoid (unscaled)
-        factor_ptr,    # (G,) fp32 out: per-group gradient factor (w_g, or w_g/n_g)
-        partial_ptr,   # (num_programs, 8) fp32 scratch
+        grad_ptr,      # (S,) fp32 out: D * dL/dr, D the loss denominator (divided out in backward)
+        partial_ptr,   # (8, num_programs) fp32 scratch: per-program sums
         ticket_ptr,    # (1,) int32, zero on entry, reset to zero by the last program
         loss_ptr,      # () fp32 out
-        stats_ptr,     # (4,) fp32 out: pair_count, accuracy, mean_gap, 1/denominator
+        stats_ptr,     # (4,) fp32 out: pair_count, accuracy, mean_gap, 1/D
         G, margin_value, num_programs,
         HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, ADJACENT: tl.constexpr,
         GROUP_MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
         GROUPS_PER_PROG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        g = pid * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)  # (GB,)
-        gmask = g < G
-        start = tl.load(offsets_ptr + g, mask=gmask, other=0)
-        size = (tl.load(offsets_ptr + g + 1, mask=gmask, other=0) - start).to(tl.int32)
-        kmax = tl.max(size, axis=0)
-        if HAS_MARGIN:
-            m = tl.load(margin_ptr + g, mask=gmask, other=0.0).to(tl.float32)
-        else:
-            m = tl.zeros([GROUPS_PER_PROG], dtype=tl.float32) + margin_value
-        m3 = m[:, None, None]
-        kk = tl.arange(0, BLOCK_K)
+        gg = tl.arange(0, GROUPS_PER_PROG)[:, None, None]  # (GB, 1, 1)
+        ki = tl.arange(0, BLOCK_K)[None, :, None]  # (1, BK, 1): rows i
+        kj = tl.arange(0, BLOCK_K)[None, None, :]  # (1, 1, BK): columns j
+        # half-sums over the (i, j) this program visits, see the comment above, kept per
+        # column (summing over rows i stays within a thread; a full tile would cost registers)
+        acc_loss = tl.zeros([GROUPS_PER_PROG, 1, BLOCK_K], dtype=tl.float32)  # c_g|s|softplus
+        acc_pairs = tl.zeros([GROUPS_PER_PROG, 1, BLOCK_K], dtype=tl.float32)  # |s|
+        acc_correct = tl.zeros([GROUPS_PER_PROG, 1, BLOCK_K], dtype=tl.float32)  # r_b > r_w
+        acc_gap = tl.zeros([GROUPS_PER_PROG, 1, BLOCK_K], dtype=tl.float32)  # r_w - r_b
+        acc_den = tl.zeros([GROUPS_PER_PROG, 1, BLOCK_K], dtype=tl.float32)  # w_g |s|
+        den_g = tl.zeros([GROUPS_PER_PROG, 1, 1], dtype=tl.float32)  # GROUP_MEAN: w_g, n_g > 0
 
-        loss_g = tl.zeros([GROUPS_PER_PROG], dtype=tl.float32)
-        npair_g = tl.zeros([GROUPS_PER_PROG], dtype=tl.float32)
-        correct_g = tl.zeros([GROUPS_PER_PROG], dtype=tl.float32)
-        gap_g = tl.zeros([GROUPS_PER_PROG], dtype=tl.float32)
-        for i0 in range(0, kmax, BLOCK_K):
-            ki = i0 + kk
-            imask = gmask[:, None] & (ki[None, :] < size[:, None])  # (GB, BK)
-            iptr = start[:, None] + ki[None, :]
-            ri = tl.load(scores_ptr + iptr, mask=imask, other=0.0).to(tl.float32)
-            qi = tl.load(ranks_ptr + iptr, mask=imask, other=0).to(tl.int64)
-            qi3 = qi[:, :, None]
-            if ADJACENT:  # next and previous distinct rank level of each i
-                nxt = tl.full([GROUPS_PER_PROG, BLOCK_K], 2**62, tl.int64)
-                prv = tl.full([GROUPS_PER_PROG, BLOCK_K], -(2**62), tl.int64)
-                for j0 in range(0, kmax, BLOCK_K):
-                    kj = j0 + kk
-                    jmask = gmask[:, None] & (kj[None, :] < size[:, None])
-                    qj = tl.load(ranks_ptr + start[:, None] + kj[None, :], mask=jmask, other=0).to(tl.int64)
-                    qj3 = qj[:, None, :]
-                    jm3 = jmask[:, None, :]
-                    nxt = tl.minimum(nxt, tl.min(tl.where(jm3 & (qj3 > qi3), qj3, 2**62), axis=2))
-                    prv = tl.maximum(prv, tl.max(tl.where(jm3 & (qj3 < qi3), qj3, -(2**62)), axis=2))
-            gi = tl.zeros([GROUPS_PER_PROG, BLOCK_K], dtype=tl.float32)
-            for j0 in range(0, kmax, BLOCK_K):
-                kj = j0 + kk
-                jmask = gmask[:, None] & (kj[None, :] < size[:, None])
-                jptr = start[:, None] + kj[None, :]
-                rj = tl.load(scores_ptr + jptr, mask=jmask, other=0.0).to(tl.float32)
-                qj = tl.load(ranks_ptr + jptr, mask=jmask, other=0).to(tl.int64)
-                qj3 = qj[:, None, :]
-                both = imask[:, :, None] & jmask[:, None, :]  # (GB, BK, BK)
+        # grid-stride over blocks of GROUPS_PER_PROG (GB) groups: one wave of programs, so
+        # the arrival counter and the last program's reduction stay short
+        stride = num_programs * GROUPS_PER_PROG
+        start, end = _load_bounds(offsets_ptr, pid * GROUPS_PER_PROG + gg, G)
+        for blk in range(pid, tl.cdiv(G, GROUPS_PER_PROG), num_programs):
+            g = blk * GROUPS_PER_PROG + gg  # (GB, 1, 1)
+            gmask = g < G
+            size = (end - start).to(tl.int32)
+            kmax = tl.max(size)
+            # the next block's offsets, loaded now: their latency hides behind this block
+            start_next, end_next = _load_bounds(offsets_ptr, g + stride, G)
+            if HAS_MARGIN:
+                m = tl.load(margin_ptr + g, mask=gmask, other=0.0).to(tl.float32)
+            else:
+                m = tl.zeros([GROUPS_PER_PROG, 1, 1], dtype=tl.float32) + margin_value
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + g, mask=gmask, other=0.0).to(tl.float32)
+            else:
+                w = tl.where(gmask, 1.0, 0.0)
+            if GROUP_MEAN:  # c_g = w_g / n_g is needed before the first gradient store
+                n_g = tl.zeros([GROUPS_PER_PROG, 1, 1], dtype=tl.float32)
+                for i0 in range(0, kmax, BLOCK_K):
+                    imask = gmask & (i0 + ki < size)
+                    qi = tl.load(ranks_ptr + start + i0 + ki, mask=imask, other=0)
+                    if ADJACENT:
+                        nxt, prv = _rank_levels_around(qi, ranks_ptr, start, size, gmask, kmax,
+                                                       BLOCK_K)
+                    else:
+                        nxt, prv = qi, qi
+                    for j0 in range(0, kmax, BLOCK_K):
+                        jmask = gmask & (j0 + kj < size)
+                        qj = tl.load(ranks_ptr + start + j0 + kj, mask=jmask, other=0)
+                        s = _pair_sign(qi, qj, imask, jmask, nxt, prv, ADJACENT)
+                        n_g += tl.sum(tl.sum(tl.where(s > 0.0, 1.0, 0.0), axis=2, keep_dims=True),
+                                      axis=1, keep_dims=True)
+                has = n_g > 0
+                c = tl.where(has, w / tl.maximum(n_g, 1.0), 0.0)
+                den_g += tl.where(has, w, 0.0)
+            elif HAS_WEIGHT:
+                c = w
+            else:  # a constant, so the multiplies fold away (padding groups have s = 0)
+                c = 1.0
+
+            for i0 in range(0, kmax, BLOCK_K):
+                ri, qi, imask, _ = _load_rows(scores_ptr, ranks_ptr, start, size, gmask, i0 + ki)
                 if ADJACENT:
-                    better = both & (qj3 == nxt[:, :, None])  # i better, j next level
-                    worse = both & (qj3 == prv[:, :, None])   # j previous level, i worse
+                    nxt, prv = _rank_levels_around(qi, ranks_ptr, start, size, gmask, kmax, BLOCK_K)
                 else:
-                    better = both & (qi3 < qj3)
-                    worse = both & (qi3 > qj3)
-                d = rj[:, None, :] - ri[:, :, None]  # r_j - r_i
-                # pair (i better, j worse): z = r_j - r_i + m
-                zb = d + m3
-                eb = tl.exp(-tl.abs(zb))
-                sp = tl.maximum(zb, 0.0) + tl.log(1.0 + eb)
-                sigb = tl.where(zb >= 0, 1.0 / (1.0 + eb), eb / (1.0 + eb))
-                loss_g += tl.sum(tl.sum(tl.where(better, sp, 0.0), axis=2), axis=1)
-                npair_g += tl.sum(tl.sum(better.to(tl.float32), axis=2), axis=1)
-                correct_g += tl.sum(tl.sum((better & (d < 0)).to(tl.float32), axis=2), axis=1)
-                gap_g += tl.sum(tl.sum(tl.where(better, -d, 0.0), axis=2), axis=1)
-                if COMPUTE_GRAD:
-                    # pair (j better, i worse): z = r_i - r_j + m
-                    zw = m3 - d
-                    ew = tl.exp(-tl.abs(zw))
-                    sigw = tl.where(zw >= 0, 1.0 / (1.0 + ew), ew / (1.0 + ew))
-                    gi += tl.sum(tl.where(worse, sigw, 0.0) - tl.where(better, sigb, 0.0), axis=2)
-            if COMPUTE_GRAD:
-                tl.store(graw_ptr + iptr, gi, mask=imask)
+                    nxt, prv = qi, qi
+                for j0 in range(0, kmax, BLOCK_K):
+                    rj, qj, jmask, jptr = _load_rows(scores_ptr, ranks_ptr, start, size, gmask,
+                                                     j0 + kj)
+                    s = _pair_sign(qi, qj, imask, jmask, nxt, prv, ADJACENT)  # (GB, BK, BK)
+                    sd = s * (rj - ri)  # r_w - r_b on pairs, 0 elsewhere
+                    z = sd + m
+                    softplus, sigmoid = _softplus_sigmoid(z)
+                    a = tl.abs(s)
+                    acc_loss += tl.sum((c * a) * softplus, axis=1, keep_dims=True)
+                    acc_pairs += tl.sum(a, axis=1, keep_dims=True)
+                    acc_correct += tl.sum(tl.where(sd < 0.0, 1.0, 0.0), axis=1, keep_dims=True)
+                    acc_gap += tl.sum(sd, axis=1, keep_dims=True)
+                    if HAS_WEIGHT:
+                        if not GROUP_MEAN:
+                            acc_den += tl.sum(w * a, axis=1, keep_dims=True)
+                    if COMPUTE_GRAD:
+                        # column j's gradient, +sum_i s_ij sigma(z_ij) (s antisymmetric, z
+                        # symmetric): in the layout the column loads get, the sum over i stays
+                        # within a thread, where the row sum over j would cross lanes
+                        gj = tl.sum(s * sigmoid, axis=1, keep_dims=True) * c  # (GB, 1, BK)
+                        if kmax > BLOCK_K:  # later row tiles add into the same columns
+                            tl.debug_barrier()
+                            gj += tl.load(grad_ptr + jptr, mask=jmask & (i0 > 0), other=0.0)
+                        tl.store(grad_ptr + jptr, gj, mask=jmask)
+            start, end = start_next, end_next
 
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + g, mask=gmask, other=0.0).to(tl.float32)
-        else:
-            w = tl.where(gmask, 1.0, 0.0)
+        num = 0.5 * tl.sum(acc_loss)
+        pairs = 0.5 * tl.sum(acc_pairs)
         if GROUP_MEAN:
-            has = npair_g > 0
-            factor = tl.where(has, w / tl.maximum(npair_g, 1.0), 0.0)
-            den = tl.sum(tl.where(has, w, 0.0), axis=0)
+            den = tl.sum(den_g)
+        elif HAS_WEIGHT:
+            den = 0.5 * tl.sum(acc_den)
         else:
-            factor = w
-            den = tl.sum(w * npair_g, axis=0)
-        if COMPUTE_GRAD:
-            tl.store(factor_ptr + g, factor, mask=gmask)
-        num = tl.sum(factor * loss_g, axis=0)
+            den = pairs
         cols = tl.arange(0, 8)
         part = tl.where(cols == 0, num, 0.0)
         part = tl.where(cols == 1, den, part)
-        part = tl.where(cols == 2, tl.sum(npair_g, axis=0), part)
-        part = tl.where(cols == 3, tl.sum(correct_g, axis=0), part)
-        part = tl.where(cols == 4, tl.sum(gap_g, axis=0), part)
-        tl.store(partial_ptr + pid * 8 + cols, part)
+        part = tl.where(cols == 2, pairs, part)
+        part = tl.where(cols == 3, 0.5 * tl.sum(acc_correct), part)
+        part = tl.where(cols == 4, -0.5 * tl.sum(acc_gap), part)
+        tl.store(partial_ptr + cols * num_programs + pid, part)
 
         # Last program in reduces the partials in a fixed order (deterministic).
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         if ticket == num_programs - 1:
-            acc = tl.zeros([BLOCK_P, 8], dtype=tl.float32)
-            rows = tl.arange(0, BLOCK_P)
+            acc = tl.zeros([8, BLOCK_P], dtype=tl.float32)
+            pp = tl.arange(0, BLOCK_P)
             for p0 in range(0, num_programs, BLOCK_P):
-                pm = (p0 + rows) < num_programs
-                acc += tl.load(partial_ptr + (p0 + rows)[:, None] * 8 + cols[None, :],
-                               mask=pm[:, None], other=0.0, volatile=True)
-            tot = tl.sum(acc, axis=0)  # (8,)
+                pm = (p0 + pp) < num_programs
+                acc += tl.load(partial_ptr + cols[:, None] * num_programs + (p0 + pp)[None, :],
+                               mask=pm[None, :], other=0.0, volatile=True)
+            tot = tl.sum(acc, axis=1)  # (8,)
             t_num = tl.sum(tl.where(cols == 0, tot, 0.0), axis=0)
             t_den = tl.sum(tl.where(cols == 1, tot, 0.0), axis=0)
             t_cnt = tl.sum(tl.where(cols == 2, tot, 0.0), axis=0)
@@ -297,79 +399,83 @@ if triton is not None:
             tl.store(stats_ptr + cols, st, mask=cols < 4)
             tl.atomic_xchg(ticket_ptr, 0)  # ready for the next call
 
-    @triton.jit
-    def _ranked_loss_bwd_kernel(
-        graw_ptr, factor_ptr, offsets_ptr, stats_ptr, grad_out_ptr, grad_ptr, G,
-        GROUPS_PER_PROG: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        """grad[e] = graw[e] * factor[g(e)] * (1/denominator) * grad_output."""
-        pid = tl.program_id(0)
-        g = pid * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
-        gmask = g < G
-        start = tl.load(offsets_ptr + g, mask=gmask, other=0)
-        size = (tl.load(offsets_ptr + g + 1, mask=gmask, other=0) - start).to(tl.int32)
-        kmax = tl.max(size, axis=0)
+    @triton.jit(do_not_specialize=["S"])
+    def _ranked_loss_bwd_kernel(graw_ptr, stats_ptr, grad_out_ptr, grad_ptr, S,
+                                BLOCK: tl.constexpr):
+        """grad[e] = graw[e] * (1/D) * grad_output: flat, no group structure left."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < S
         scale = tl.load(stats_ptr + 3) * tl.load(grad_out_ptr).to(tl.float32)
-        f = tl.load(factor_ptr + g, mask=gmask, other=0.0) * scale
-        kk = tl.arange(0, BLOCK_K)
-        for i0 in range(0, kmax, BLOCK_K):
-            ki = i0 + kk
-            imask = gmask[:, None] & (ki[None, :] < size[:, None])
-            ptr = start[:, None] + ki[None, :]
-            gr = tl.load(graw_ptr + ptr, mask=imask, other=0.0)
-            tl.store(grad_ptr + ptr, (gr * f[:, None]).to(grad_ptr.dtype.element_ty), mask=imask)
+        gr = tl.load(graw_ptr + offs, mask=mask, other=0.0)
+        tl.store(grad_ptr + offs, (gr * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launcher
 
-GROUPS_PER_PROG = 16
-BLOCK_K = 8
-BLOCK_P = 1024
+TILE_PAIRS = 1024  # GROUPS_PER_PROG * BLOCK_K**2: ordered (i, j) per register tile
+MAX_BLOCK_K = 16
+MAX_PROGRAMS = 512  # forward grid cap: about one wave on an H100; a constant, so the
+#                    order of the sums, hence the bits of the result, is the same on any GPU
+BLOCK_P = 512  # partials per step of the final reduction (its registers count for the kernel)
 NUM_WARPS = 4
-_TICKETS: dict = {}
+BWD_BLOCK = 2048
+BWD_WARPS = 4
+_SCRATCH: dict = {}
 
 
-def _ticket(device: torch.device) -> torch.Tensor:
-    # A self-resetting arrival counter per device: saves a memset launch per call.
-    # Calls running concurrently on two streams of one device must not overlap.
+def _tiling(S: int, G: int):
+    """(GROUPS_PER_PROG, BLOCK_K) from the mean group size, known on the host without a sync.
+
+    BLOCK_K covers a mean-sized group in one tile (K=8 -> 8x8 tiles, pairs only -> 2x2);
+    larger groups take several tiles, so any size stays correct.
+    """
+    mean = -(-S // G) if G > 0 else 1
+    bk = min(max(triton.next_power_of_2(mean), 2), MAX_BLOCK_K)
+    return max(TILE_PAIRS // (bk * bk), 1), bk
+
+
+def _scratch(device: torch.device, num_programs: int):
+    # A self-resetting arrival counter and the partial-sum buffer, one per device, kept
+    # across calls: saves a memset and an allocation per call. Calls running concurrently
+    # on two streams of one device must not overlap.
     key = (device.type, device.index)
-    t = _TICKETS.get(key)
-    if t is None:
-        t = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return t
+    s = _SCRATCH.get(key)
+    if s is None or s[1].numel() < 8 * num_programs:
+        ticket = torch.zeros(1, dtype=torch.int32, device=device) if s is None else s[0]
+        partial = torch.empty(8 * max(num_programs, MAX_PROGRAMS), dtype=torch.float32,
+                              device=device)
+        s = _SCRATCH[key] = (ticket, partial)
+    return s
 
 
 def _launch_forward(scores, ranks, offsets, margin, weights, params, compute_grad):
     S, G = scores.numel(), offsets.numel() - 1
     dev = scores.device
-    num_programs = max(triton.cdiv(G, GROUPS_PER_PROG), 1)
+    gpp, bk = _tiling(S, G)
+    num_programs = max(min(triton.cdiv(G, gpp), MAX_PROGRAMS), 1)
+    ticket, partial = _scratch(dev, num_programs)
     graw = torch.empty(S if compute_grad else 1, dtype=torch.float32, device=dev)
-    factor = torch.empty(max(G, 1) if compute_grad else 1, dtype=torch.float32, device=dev)
-    partial = torch.empty(num_programs, 8, dtype=torch.float32, device=dev)
     loss = torch.empty((), dtype=torch.float32, device=dev)
     stats = torch.empty(4, dtype=torch.float32, device=dev)
-    has_margin = isinstance(margin, torch.Tensor)
+    has_margin = margin is not None
     _ranked_loss_fwd_kernel[(num_programs,)](
         scores, ranks, offsets,
         margin if has_margin else scores, weights if weights is not None else scores,
-        graw, factor, partial, _ticket(dev), loss, stats,
+        graw, partial, ticket, loss, stats,
         G, params.margin_value, num_programs,
         HAS_MARGIN=has_margin, HAS_WEIGHT=weights is not None,
         ADJACENT=params.pairs == "adjacent", GROUP_MEAN=params.reduction == "groups",
         COMPUTE_GRAD=compute_grad,
-        GROUPS_PER_PROG=GROUPS_PER_PROG, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS,
+        GROUPS_PER_PROG=gpp, BLOCK_K=bk, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS,
     )
-    return loss, stats, graw, factor
+    return loss, stats, graw
 
 
-def _launch_backward(graw, factor, offsets, stats, grad_output, dtype):
-    G = offsets.numel() - 1
-    grad = torch.empty(graw.numel(), dtype=dtype, device=graw.device)
-    num_programs = max(triton.cdiv(G, GROUPS_PER_PROG), 1)
-    _ranked_loss_bwd_kernel[(num_programs,)](
-        graw, factor, offsets, stats, grad_output, grad, G,
-        GROUPS_PER_PROG=GROUPS_PER_PROG, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
-    )
+def _launch_backward(graw, stats, grad_output, dtype):
+    S = graw.numel()
+    grad = torch.empty(S, dtype=dtype, device=graw.device)
+    _ranked_loss_bwd_kernel[(max(triton.cdiv(S, BWD_BLOCK), 1),)](
+        graw, stats, grad_output, grad, S, BLOCK=BWD_BLOCK, num_warps=BWD_WARPS)
     return grad
 
 
@@ -377,17 +483,17 @@ class _RankedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, ranks, offsets, margin, weights, params):
         compute_grad = ctx.needs_input_grad[0]
-        loss, stats, graw, factor = _launch_forward(
+        loss, stats, graw = _launch_forward(
             scores, ranks, offsets, margin, weights, params, compute_grad)
         ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(graw, factor, offsets, stats)
+        ctx.save_for_backward(graw, stats)
         ctx.score_dtype = scores.dtype
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        graw, factor, offsets, stats = ctx.saved_tensors
-        grad = _launch_backward(graw, factor, offsets, stats, grad_loss, ctx.score_dtype)
+        graw, stats = ctx.saved_tensors
+        grad = _launch_backward(graw, stats, grad_loss, ctx.score_dtype)
         return grad, None, None, None, None, None
 
 
@@ -431,14 +537,25 @@ def ranked_preference_loss(
             scores, ranks, group_offsets, margin, weights, pairs=pairs, reduction=reduction)
     if triton is None:
         raise RuntimeError("impl='triton' needs the triton package")
-    params = RankedLossParams(pairs, reduction, float(margin) if _is_number(margin) else 0.0)
     _check_inputs(scores, ranks, group_offsets, margin, weights)
     tensor_margin = margin if isinstance(margin, torch.Tensor) else None
-    loss, stats = _RankedLossFunction.apply(
-        scores.contiguous(), ranks.contiguous(), group_offsets.contiguous(),
-        None if tensor_margin is None else tensor_margin.contiguous(),
-        None if weights is None else weights.contiguous(), params)
-    return RankedLossOutput(loss, stats[0], stats[1], stats[2])
+    params = _params(pairs, reduction, 0.0 if margin is None or tensor_margin is not None
+                     else float(margin))
+    args = (scores.contiguous(), ranks.contiguous(), group_offsets.contiguous(),
+            None if tensor_margin is None else tensor_margin.contiguous(),
+            None if weights is None else weights.contiguous(), params)
+    if scores.requires_grad and torch.is_grad_enabled():
+        loss, stats = _RankedLossFunction.apply(*args)
+    else:  # evaluation: no autograd node, no gradient pass (host-bound at training sizes)
+        loss, stats, _ = _launch_forward(*args, compute_grad=False)
+    pair_count, accuracy, mean_gap, _ = stats.unbind()
+    return RankedLossOutput(loss, pair_count, accuracy, mean_gap)
+
+
+@functools.lru_cache(maxsize=64)
+def _params(pairs: str, reduction: str, margin_value: float) -> RankedLossParams:
+    # Eager calls are host-bound at training sizes; build (and validate) each option set once.
+    return RankedLossParams(pairs, reduction, margin_value)
 
 
 def _is_number(x) -> bool:

@@ -209,6 +209,77 @@ def test_large_groups_span_several_tiles(impl):
         torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-5, atol=2e-5)
 
 
+def _check_against_float64(batch, impl, ranks_dtype=torch.long, **kw):
+    scores, ranks, offsets, margin, weights = batch
+    ref, ref_grad = run(scores, ranks, offsets, margin, weights, "torch", torch.float64,
+                        grad_out=0.7, **kw)
+    out, grad = run(scores, ranks.to(ranks_dtype), offsets, margin, weights, impl,
+                    torch.float32, grad_out=0.7, **kw)
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-5, atol=2e-5)
+    assert out.pair_count.item() == ref.pair_count.item()
+    torch.testing.assert_close(out.accuracy.double(), ref.accuracy, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.mean_gap.double(), ref.mean_gap, rtol=2e-5, atol=2e-5)
+    return out, grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("reduction", ["pairs", "groups"])
+@pytest.mark.parametrize("sizes", [(1, 2), (2, 2), (2, 4), (8, 8), (2, 64)])
+def test_group_size_mixes(impl, pairs, reduction, sizes):
+    """The kernel picks its tile from the mean group size (2x2 for pairs-only batches up
+    to 16x16); every mix, with size-1 and size-64 groups, must give the same answer."""
+    kmin, kmax = sizes
+    n_groups = 6 if kmax > 16 else 37
+    batch = make_batch(n_groups, kmin=kmin, kmax=kmax, n_levels=max(kmax // 2, 2))
+    _check_against_float64(batch, impl, pairs=pairs, reduction=reduction)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+def test_one_large_group_among_pairs(impl, pairs):
+    """30 groups of 2 and one of 40: the tile fits the pairs (mean size 3 -> 4x4), so the
+    large group walks 10 x 10 tiles."""
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.tensor([2] * 15 + [40] + [2] * 15)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    S = int(offsets[-1])
+    batch = [torch.randn(S, dtype=torch.float64, generator=g),
+             torch.randint(0, 12, (S,), generator=g), offsets,
+             torch.rand(31, dtype=torch.float64, generator=g),
+             torch.rand(31, dtype=torch.float64, generator=g) + 0.5]
+    batch = [t.to(DEVICE) for t in batch]
+    for reduction in ("pairs", "groups"):
+        _check_against_float64(batch, impl, pairs=pairs, reduction=reduction)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ranks_dtype", [torch.int32, torch.int16])
+def test_narrow_rank_dtypes(impl, ranks_dtype):
+    """Ranks are compared in their own dtype on the Triton path."""
+    batch = make_batch(29, n_levels=5)
+    for pairs in ("all", "adjacent"):
+        _check_against_float64(batch, impl, ranks_dtype, pairs=pairs)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton imported before TRITON_INTERPRET=1")
+@pytest.mark.parametrize("reduction", ["pairs", "groups"])
+def test_programs_walk_several_group_blocks(monkeypatch, reduction):
+    """With the grid capped at 3 programs of one group each, every program walks many
+    group blocks and the last one in reduces 3 partials; same answer, bitwise repeatable."""
+    import rankpm.kernels.ranked_loss as rl
+
+    monkeypatch.setattr(rl, "MAX_PROGRAMS", 3)
+    monkeypatch.setattr(rl, "TILE_PAIRS", 64)
+    batch = make_batch(23)
+    out, grad = _check_against_float64(batch, "triton", reduction=reduction)
+    again, grad_again = run(*batch, "triton", torch.float32, grad_out=0.7, reduction=reduction)
+    for u, v in zip(out, again):
+        assert torch.equal(u, v)
+    assert torch.equal(grad, grad_again)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_grad_forward_and_repeat_calls(impl):
     """Forward without autograd; the arrival counter resets so repeated calls agree."""
