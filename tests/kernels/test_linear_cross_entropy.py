@@ -147,10 +147,13 @@ def test_extreme_logits_stay_finite(impl):
     out, lp, grads, _ = run(linear_cross_entropy, hidden, weight, targets, bias, torch.float32,
                             "sum", grad_out=go, impl=impl)
     assert torch.isfinite(out).all() and torch.isfinite(lp).all()
+    # fp32 logits of size 1e4 carry an absolute rounding error near 1e-3, which moves the
+    # softmax of near-tied logits: the plain fp32 full-logits version itself exceeded 1e-4
+    # in 1 of 200 draws, so the bound is set by fp32 rounding, not by the algorithm.
     assert rel_err(out, ref) < 1e-4
     for g, rg in zip(grads, ref_grads):
         assert torch.isfinite(g).all()
-        assert rel_err(g, rg) < 1e-4
+        assert rel_err(g, rg) < 1e-3
 
 
 @pytest.mark.parametrize("impl", IMPLS)
