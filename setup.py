@@ -3,15 +3,10 @@
 The three code folders install as ``rankpm.engine``, ``rankpm.kernels`` and
 ``rankpm.cluster``; ``rankpm`` itself is a namespace package (no __init__).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = {
-    "rankpm.engine": "engine",
-    "rankpm.engine.data": "engine/data",
-    "rankpm.engine.experiments": "engine/experiments",
-    "rankpm.kernels": "kernels",
-    "rankpm.cluster": "cluster",
-}
+ROOTS = {"rankpm.engine": "engine", "rankpm.kernels": "kernels", "rankpm.cluster": "cluster"}
+PACKAGES = list(ROOTS) + [f"{name}.{sub}" for name, folder in ROOTS.items() for sub in find_packages(folder)]
 
 setup(
     name="rankpm",
@@ -21,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=list(PACKAGES),
-    package_dir=PACKAGES,
+    package_dir=ROOTS,
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",
