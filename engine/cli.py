@@ -4,6 +4,9 @@
     rankpm eval MODEL_DIR DATA... [--out REPORT_DIR]
     rankpm prepare INPUT... --out DIR --tokenizer PATH_OR_KIND
     rankpm generate --out FILE --groups N --seed S
+    rankpm submit CONFIG [KEY=VALUE ...] --address http://HEAD:8265 [--workers N] [--follow]
+    rankpm jobs status|logs|stop JOB_ID --address http://HEAD:8265
+    rankpm experiment objectives|pmp [--out DIR] [options]
 
 ``train`` and ``eval`` end by printing one JSON line on stdout; logs go to stderr.
 """
@@ -24,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=3e-4 data.batch_groups=32")
     p.add_argument("--workers", type=int, help="data-parallel ranks as Ray workers (cluster.workers)")
     p.add_argument("--address", help="attach to this Ray cluster instead of an embedded one (cluster.address)")
+    p.add_argument("--dashboard", action="store_true", help="with Ray: start the embedded instance's dashboard")
     p.set_defaults(run=_run_train)
 
     p = commands.add_parser("eval", help="evaluate a trained model folder on comparison data")
@@ -32,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="folder for the prepared data and the report (default: a temporary one)")
     p.add_argument("--batch-groups", type=int, default=64)
     p.add_argument("--skip-bad", action="store_true", help="count and list bad rows instead of stopping")
+    p.add_argument("--report", help="write the report folder (JSON, markdown, calibration and score PNGs) here")
+    p.add_argument("--judge", choices=["score", "binary", "logprob"],
+                   help="how responses are compared (default: from the model's objective)")
+    p.add_argument("--bigbench", action="store_true", help="DATA are BIG-bench task.json files (multiple choice)")
     p.set_defaults(run=_run_eval)
 
     from rankpm.engine.data.prepare import add_prepare_arguments, run_prepare
@@ -44,6 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     add_generate_arguments(p)
     p.set_defaults(run=run_generate)
 
+    from rankpm.cluster.jobs import add_jobs_arguments, add_submit_arguments, run_jobs, run_submit
+    p = commands.add_parser("submit", help="submit training as a job to a Ray cluster (Jobs API)")
+    add_submit_arguments(p)
+    p.set_defaults(run=run_submit)
+    p = commands.add_parser("jobs", help="follow a submitted job: status, logs or stop")
+    add_jobs_arguments(p)
+    p.set_defaults(run=run_jobs)
+
+    p = commands.add_parser("experiment", help="small-scale replications of the paper's figures")
+    experiments = p.add_subparsers(dest="experiment", required=True)
+    from rankpm.engine.experiments import objectives as objectives_experiment
+    from rankpm.engine.experiments import pmp as pmp_experiment
+    for name, module in (("objectives", objectives_experiment), ("pmp", pmp_experiment)):
+        sub = experiments.add_parser(name, help=module.__doc__.splitlines()[0])
+        module.add_arguments(sub)
+        sub.set_defaults(run=lambda args, module=module: print(json.dumps(module.run(args)["rows"])) or 0)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     from rankpm.engine.config import ConfigError
@@ -53,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         print(f"rankpm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # cluster failures (beyond cluster.max_failures, jobs API unreachable)
+        if type(err).__name__ not in ("ClusterRunError", "JobError"):
+            raise
+        print(f"rankpm {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _run_train(args) -> int:
@@ -66,10 +96,13 @@ def _run_train(args) -> int:
     cfg = load_config(args.config, overrides)
     if cfg.cluster.workers > 1 or cfg.cluster.address is not None:
         from rankpm.cluster.launch import train_on_ray
-        summary = train_on_ray(cfg)
+        def runner(stage_cfg):
+            return train_on_ray(stage_cfg, dashboard=args.dashboard)
     else:
         from rankpm.engine.train import train
-        summary = train(cfg)
+        runner = train
+    from rankpm.engine.stages import run_stages  # every stage through the same runner, then the report
+    summary = run_stages(cfg, runner)
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -77,8 +110,16 @@ def _run_train(args) -> int:
 def _run_eval(args) -> int:
     from rankpm.engine.scoring import evaluate_model_folder
 
-    report = evaluate_model_folder(args.model, args.data, out_dir=args.out, batch_groups=args.batch_groups,
-                                   skip_bad=args.skip_bad)
+    data = args.data
+    if args.bigbench:  # BIG-bench multiple choice -> comparison groups (JSONL) first
+        from pathlib import Path
+        import tempfile
+        from rankpm.engine.data.bigbench import read_bigbench
+        from rankpm.engine.data.synthetic_pmp import write_jsonl
+        folder = Path(args.out or tempfile.mkdtemp(prefix="rankpm-bigbench-"))
+        data = [str(write_jsonl(read_bigbench(path), folder / f"bigbench_{i}.jsonl")) for i, path in enumerate(data)]
+    report = evaluate_model_folder(args.model, data, out_dir=args.out, batch_groups=args.batch_groups,
+                                   skip_bad=args.skip_bad, report_dir=args.report, judge=args.judge)
     print(json.dumps(report), flush=True)
     return 0
 

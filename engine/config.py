@@ -30,6 +30,9 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)  # extra transformers config keys
     dropout: float = 0.0
     gradient_checkpointing: bool = False
+    # A rankpm model folder (e.g. a previous stage's OUT_DIR/model) to start from: every
+    # weight, score head included; backbone/preset are then ignored.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,14 +61,42 @@ class DataConfig:
     max_tokens: int | None = None  # token budget per micro-batch instead of a group count
     shuffle_buffer: int = 1024
     eval_batch_groups: int = 64
+    # Text-level pair transforms before tokenization (rankpm.engine.data.transforms).
+    # "auto": what the objective needs (binary: binarize the training groups and
+    # label-expand the evaluation groups); "none": the inputs are already in that form.
+    transform: Literal["auto", "none"] = "auto"
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """The label strings of binary discrimination, appended right after the response."""
+
+    good: str = " GOOD"
+    bad: str = " BAD"
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    name: Literal["ranked"] = "ranked"
-    pairs: Literal["all", "adjacent"] = "all"
+    # ranked:    softplus(r_worse - r_better) over the ranked pairs of each group.
+    # binary:    the same loss on label pairs: the run binarizes the training data
+    #            (A > B -> A+GOOD > A+BAD, B+BAD > B+GOOD) and evaluates responses by
+    #            P(GOOD) = sigmoid(r(x+GOOD) - r(x+BAD)).
+    # imitation: LM loss on the preferred response's tokens only; evaluated by the mean
+    #            per-token log-probability of each response.
+    name: Literal["ranked", "binary", "imitation"] = "ranked"
+    pairs: Literal["all", "adjacent"] = "all"  # for binary: the ranked pairs that are binarized
     reduction: Literal["pairs", "groups"] = "pairs"
     kernel: Literal["auto", "triton", "torch"] = "auto"
+    # PM + LM: pm_weight * L_PM + lm_weight * L_LM, the LM term over the whole preferred
+    # sample (context and response). Keeps the backbone's LM head.
+    lm_loss: bool = False
+    pm_weight: float = 1.0
+    lm_weight: float = 1.0
+    # "sum": summed over tokens, averaged over sequences; "mean": averaged over tokens.
+    # "auto": sum for imitation (the paper's IL loss), mean for the PM + LM term (a sum
+    # over a few hundred tokens would outweigh the PM loss by that factor).
+    lm_reduction: Literal["auto", "sum", "mean"] = "auto"
+    labels: LabelConfig = field(default_factory=LabelConfig)
 
 
 @dataclass(frozen=True)
@@ -104,12 +135,30 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """One stage of a multi-stage run (e.g. preference-model pre-training, then fine-tuning).
+
+    Each section is merged key by key over the run's own section; the stage starts from
+    the previous stage's model folder. ``lr_scale``: the stage's train.lr is the run's
+    train.lr times this (the paper: PMP at 0.1x, fine-tuning at 0.01x).
+    """
+
+    name: str = ""
+    model: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    objective: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    lr_scale: float | None = None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, this config
 
     def validate(self) -> "RunConfig":
         checks = [
@@ -127,6 +176,16 @@ class RunConfig:
                 raise ConfigError(f"{key}: got {_lookup(self, key)!r}, expected {expected}")
         if self.train.max_steps is not None and self.train.max_steps < 1:
             raise ConfigError(f"train.max_steps: got {self.train.max_steps!r}, expected >= 1")
+        if self.objective.name == "imitation" and self.objective.lm_loss:
+            raise ConfigError("objective.lm_loss: got True, but objective.name='imitation' is already "
+                              "a language-model loss; use name=ranked or binary for PM + LM")
+        for key in ("pm_weight", "lm_weight"):
+            if getattr(self.objective, key) < 0:
+                raise ConfigError(f"objective.{key}: got {getattr(self.objective, key)!r}, expected >= 0")
+        if self.stages:
+            from rankpm.engine.stages import stage_configs
+            stage_configs(self)  # every stage must be a valid run config on its own
+            return self
         if not self.data.train and self.data.synthetic is None:
             raise ConfigError("data.train: empty; give input files, a prepared folder, or data.synthetic")
         return self

@@ -1,7 +1,7 @@
 """Evaluation on held-out comparisons: pair accuracy, loss, score statistics.
 
 Scores are computed once per sequence; every ranked pair (better, worse) of a group is
-then judged correct when r_better > r_worse (a tie in score counts half).
+then judged correct when r_better > r_worse (a tie in score counts as wrong).
 """
 from __future__ import annotations
 
@@ -10,16 +10,19 @@ import math
 import torch
 
 from rankpm.engine.data.schema import Batch
+from rankpm.engine.judges import judge as judge_batch
 from rankpm.kernels.ranked_loss import ranked_preference_loss
 
 
 @torch.no_grad()
-def evaluate(model, batches, *, strategy, num_batches: int | None = None) -> dict:
+def evaluate(model, batches, *, strategy, num_batches: int | None = None, judge: str = "score") -> dict:
     """Evaluate over this rank's batches; sums are reduced over every rank.
 
     ``num_batches``: when given, every rank runs exactly that many forward passes (the
     global maximum), repeating its last batch with zero weight, so that collective
     operations inside the forward (ZeRO-3 parameter gathers) stay in step across ranks.
+    ``judge``: how responses are compared (rankpm.engine.judges): "score" (preference
+    models), "binary" (P(GOOD), on label-expanded data) or "logprob" (imitation models).
     """
     model.eval()
     device = strategy.device
@@ -28,13 +31,13 @@ def evaluate(model, batches, *, strategy, num_batches: int | None = None) -> dic
     last: Batch | None = None
     for batch in batches:
         last = batch.to(device)
-        totals += _batch_totals(model, last, strategy)
+        totals += _batch_totals(model, last, strategy, judge)
         seen += 1
     if num_batches is not None:
         for _ in range(num_batches - seen):
             if last is None:
                 raise RuntimeError(f"rank {strategy.rank} has no evaluation data to keep in step with")
-            _batch_totals(model, last, strategy)  # collectives only; results unused
+            _batch_totals(model, last, strategy, judge)  # collectives only; results unused
     model.train()
     pairs, correct, loss, n, total, total_sq = strategy.all_reduce(totals).tolist()
     mean = total / max(n, 1)
@@ -48,13 +51,13 @@ def evaluate(model, batches, *, strategy, num_batches: int | None = None) -> dic
     }
 
 
-def _batch_totals(model, batch: Batch, strategy) -> torch.Tensor:
+def _batch_totals(model, batch: Batch, strategy, judge: str = "score") -> torch.Tensor:
     with strategy.autocast():
-        scores = model(batch.input_ids, batch.attention_mask, batch.score_index).scores.float()
-    result = ranked_preference_loss(scores, batch.ranks, batch.group_offsets, margin=batch.margin,
+        judged = judge_batch(model, batch, judge)
+    scores = judged.scores.float()
+    result = ranked_preference_loss(scores, judged.ranks, judged.group_offsets, margin=judged.margin,
                                     reduction="pairs", impl="torch")
     pairs = result.pair_count.double()
-    # accuracy from the loss kernel counts ties in score as half-correct
     return torch.stack([pairs, result.accuracy.double() * pairs, result.loss.double() * pairs,
                         torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device),
                         scores.double().sum(), scores.double().pow(2).sum()])

@@ -29,9 +29,15 @@ MODEL_FILE = "rankpm_model.json"
 HEAD_FILE = "score_head.pt"
 
 
+IGNORE_INDEX = -100
+
+
 class ModelOutput(NamedTuple):
     scores: torch.Tensor  # (S,) float32, one score per sequence
-    hidden: torch.Tensor  # (S, T, H) last hidden states, for LM terms
+    hidden: torch.Tensor  # (S, T, H) last hidden states
+    # (S, T) float32 log p(lm_targets[s, t] | tokens <= t), 0 where the target is ignored;
+    # None unless forward was given lm_targets.
+    token_logprobs: torch.Tensor | None = None
 
 
 class PreferenceModel(nn.Module):
@@ -54,20 +60,74 @@ class PreferenceModel(nn.Module):
             raise ValueError("this backbone was built without an LM head; configure an LM term to keep it")
         return self.transformer.get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask, score_index) -> ModelOutput:
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters read in this module's forward outside their own module's forward.
+
+        The fused LM term reads lm_head.weight (and bias) directly instead of calling the
+        head, so under DeepSpeed ZeRO-3 the strategy must register these as external
+        parameters of this module (deepspeed.zero.register_external_parameter) for them
+        to be gathered when this forward runs. Empty without an LM head.
+        """
+        if not self.has_lm_head:
+            return []
+        head = self.lm_head
+        return [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+
+    def forward(self, input_ids, attention_mask, score_index, lm_targets=None) -> ModelOutput:
+        """Scores at ``score_index``; with ``lm_targets`` (S, T) also the target log-probs.
+
+        ``lm_targets[s, t]`` is the token to predict from position t (usually
+        input_ids[s, t + 1]) or IGNORE_INDEX. The LM head runs here, inside the module's
+        forward, through the fused linear cross-entropy (no (S, T, V) logits), so that
+        DeepSpeed ZeRO-3 has gathered lm_head.weight when it is read.
+        """
         hidden = self.transformer.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         at_eoc = hidden[rows, score_index]  # (S, H)
         scores = self.score_head(at_eoc).squeeze(-1).float()
-        return ModelOutput(scores, hidden)
+        token_logprobs = None
+        if lm_targets is not None:
+            token_logprobs = self._token_logprobs(hidden, lm_targets)
+        return ModelOutput(scores, hidden, token_logprobs)
+
+    def _token_logprobs(self, hidden: torch.Tensor, lm_targets: torch.Tensor) -> torch.Tensor:
+        from rankpm.kernels.linear_cross_entropy import linear_cross_entropy
+
+        head = self.lm_head
+        S, T, H = hidden.shape
+        flat_targets = lm_targets.reshape(-1)
+        keep = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)  # only the tokens with a target
+        # under autocast the hidden states are bf16 and the head's weight fp32: compute in the
+        # activations' dtype (the kernel accumulates in fp32 whatever the input dtype)
+        weight, bias = head.weight.to(hidden.dtype), getattr(head, "bias", None)
+        bias = bias.to(hidden.dtype) if bias is not None else None
+        nll = linear_cross_entropy(hidden.reshape(S * T, H)[keep], weight, flat_targets[keep], bias,
+                                   reduction="none")
+        out = torch.zeros(S * T, dtype=torch.float32, device=hidden.device)
+        out = out.index_put((keep,), -nll.float())
+        return out.view(S, T)
 
     # -- building and saving -------------------------------------------------------
 
     @classmethod
     def build(cls, cfg: ModelConfig, *, vocab_size: int, pad_id: int, eoc_id: int,
               max_length: int, with_lm_head: bool = False) -> "PreferenceModel":
-        """A backbone from a local folder, or from a model type with random init."""
+        """A backbone from a local folder, or from a model type with random init.
+
+        With ``cfg.init_from`` (a rankpm model folder, e.g. a previous stage's OUT_DIR/model)
+        the whole preference model, score head included, starts from those weights.
+        """
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        if cfg.init_from:
+            model = cls.load(cfg.init_from, with_lm_head=with_lm_head)
+            have = model.transformer.get_input_embeddings().num_embeddings
+            if have < vocab_size:
+                raise ValueError(f"model.init_from: {cfg.init_from} has {have} token embeddings, the "
+                                 f"tokenizer has {vocab_size}; use the tokenizer saved in that folder")
+            if cfg.gradient_checkpointing:
+                model.transformer.gradient_checkpointing_enable()
+            return model
 
         auto = AutoModelForCausalLM if with_lm_head else AutoModel
         folder = Path(cfg.backbone)
@@ -112,7 +172,12 @@ class PreferenceModel(nn.Module):
             (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, map_location="cpu") -> "PreferenceModel":
+    def load(cls, directory: str | Path, map_location="cpu", *, with_lm_head: bool | None = None) -> "PreferenceModel":
+        """A saved model; ``with_lm_head`` keeps/drops/adds the LM head (None: as saved).
+
+        Adding a head to a model saved without one ties it to the input embeddings where
+        the backbone does (GPT-2 and most causal LMs); an untied head starts at random.
+        """
         from transformers import AutoModel, AutoModelForCausalLM
 
         directory = Path(directory)
@@ -120,8 +185,12 @@ class PreferenceModel(nn.Module):
         if not meta_path.is_file():
             raise FileNotFoundError(f"{directory} is not a rankpm model folder (no {MODEL_FILE})")
         meta = json.loads(meta_path.read_text())
-        auto = AutoModelForCausalLM if meta["has_lm_head"] else AutoModel
-        model = cls(auto.from_pretrained(directory, local_files_only=True), has_lm_head=meta["has_lm_head"])
+        has_head = meta["has_lm_head"] if with_lm_head is None else with_lm_head
+        if has_head and not meta["has_lm_head"]:
+            log.info("%s was saved without an LM head; adding one (tied to the embeddings if the "
+                     "backbone ties them)", directory)
+        auto = AutoModelForCausalLM if has_head else AutoModel
+        model = cls(auto.from_pretrained(directory, local_files_only=True), has_lm_head=has_head)
         model.score_head.load_state_dict(torch.load(directory / HEAD_FILE, map_location=map_location))
         return model
 

@@ -20,7 +20,9 @@ MANIFEST = "manifest.json"
 
 
 class RewardScorer:
-    def __init__(self, model: PreferenceModel, tokenizer, *, max_length: int, device="cpu"):
+    def __init__(self, model: PreferenceModel, tokenizer, *, max_length: int, device="cpu",
+                 score_stats: dict | None = None):
+        self.score_stats = score_stats or {}  # score_mean / score_std on the evaluation set
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -32,12 +34,29 @@ class RewardScorer:
         meta = PreferenceModel.read_meta(directory)
         max_length = meta["config"]["data"]["max_length"]
         return cls(PreferenceModel.load(directory), load_tokenizer(str(directory / "tokenizer")),
-                   max_length=max_length, device=device)
+                   max_length=max_length, device=device, score_stats=meta.get("score_stats"))
 
     @torch.no_grad()
-    def score(self, context: str, responses: list[str]) -> list[float]:
+    def score(self, context: str, responses: list[str], normalize: str = "none") -> list[float]:
         """One score per response; higher means preferred. Over-long inputs keep the end of
-        each response and cut the context from the left, as training does."""
+        each response and cut the context from the left, as training does.
+
+        ``normalize`` (only on request): "center" subtracts the evaluation-set score mean
+        stored with the model, "standardize" also divides by its std."""
+        if normalize not in ("none", "center", "standardize"):
+            raise ValueError(f"normalize={normalize!r}: expected 'none', 'center' or 'standardize'")
+        raw = self._raw_scores(context, responses)
+        if normalize == "none":
+            return raw
+        if "score_mean" not in self.score_stats or "score_std" not in self.score_stats:
+            raise ValueError(f"normalize={normalize!r}: this model folder stores no score statistics "
+                             f"(it was saved without an evaluation set)")
+        mean, std = self.score_stats["score_mean"], self.score_stats["score_std"]
+        scale = std if normalize == "standardize" and std > 0 else 1.0
+        return [(r - mean) / scale for r in raw]
+
+    @torch.no_grad()
+    def _raw_scores(self, context: str, responses: list[str]) -> list[float]:
         ctx = self.tokenizer.encode(context)
         resp = [self.tokenizer.encode(r) for r in responses]
         room = self.max_length - 1 - max(len(r) for r in resp)
@@ -50,23 +69,51 @@ class RewardScorer:
 
 
 def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: str | Path | None = None,
-                          batch_groups: int = 64, skip_bad: bool = False) -> dict:
-    """Pair accuracy, loss and score statistics of a saved model on comparison data."""
+                          batch_groups: int = 64, skip_bad: bool = False, report_dir: str | Path | None = None,
+                          judge: str | None = None) -> dict:
+    """Pair accuracy, loss and score statistics of a saved model on comparison data.
+
+    ``judge``: how responses are compared (rankpm.engine.judges); None: the one of the
+    objective the model was trained with. A binary-discrimination model's text inputs are
+    label-expanded before tokenization. ``report_dir``: also write the report folder
+    (accuracy by source and turns, calibration, score statistics, PNGs).
+    """
     from rankpm.engine.data.prepare import prepare
     from rankpm.engine.data.stream import ComparisonStream
+    from rankpm.engine.judges import judge_for_objective
 
     model_dir = Path(model_dir)
     meta = PreferenceModel.read_meta(model_dir)
+    objective = meta["config"].get("objective", {})
+    judge = judge or judge_for_objective(objective.get("name", "ranked"))
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(data[0]) if len(data) == 1 and (Path(data[0]) / MANIFEST).is_file() else None
         if data_dir is None:
             data_dir = Path(out_dir or scratch) / "data"
-            prepare(data, data_dir, str(model_dir / "tokenizer"), max_length=meta["config"]["data"]["max_length"],
+            inputs = list(data)
+            if judge == "binary":
+                from rankpm.engine.data.transforms import Labels, transform_files
+                labels = Labels(**objective.get("labels", {}))
+                inputs = [str(transform_files(inputs, Path(out_dir or scratch) / "label_expanded.jsonl",
+                                              "label_expand", labels, skip_bad=skip_bad))]
+            prepare(inputs, data_dir, str(model_dir / "tokenizer"), max_length=meta["config"]["data"]["max_length"],
                     truncation=meta["config"]["data"]["truncation"], skip_bad=skip_bad)
-        model = PreferenceModel.load(model_dir)
+        model = PreferenceModel.load(model_dir, with_lm_head=True if judge == "logprob" else None)
         strategy = LocalStrategy(device=torch.device("cpu"))
         strategy.setup(model, None, None)
         stream = ComparisonStream(data_dir, shuffle=False, batch_groups=batch_groups, loop=False)
-        report = evaluate(model, stream, strategy=strategy)
+        report = evaluate(model, stream, strategy=strategy, judge=judge)
+        report["judge"] = judge
         report["skipped_rows"] = len(stream.manifest.get("skipped", []))
+        report["checkpoint_score_stats"] = meta.get("score_stats", {})
+        if report_dir is not None:
+            from rankpm.engine.report import analyse, collect_pairs, write_report
+            stream = ComparisonStream(data_dir, shuffle=False, batch_groups=batch_groups, loop=False)
+            section = analyse(collect_pairs(model, stream, judge=judge), name="eval")
+            write_report(report_dir, [section], title=f"rankpm eval: {model_dir}",
+                         extra={"model": str(model_dir), "data": [str(d) for d in data],
+                                "checkpoint_score_stats": meta.get("score_stats", {})})
+            report["report"] = str(report_dir)
+            if section["calibration"]:
+                report["ece"] = section["calibration"]["ece"]
         return {"model": str(model_dir), "data": [str(d) for d in data], **report}

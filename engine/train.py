@@ -80,7 +80,7 @@ def count_steps(cfg: RunConfig, train_groups: int, world_size: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * train_groups / per_step))
 
 
-def train(cfg: RunConfig, strategy=None, *, on_record=None, model_factory=None) -> dict:
+def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
     """Train (or resume) the run in ``cfg.train.out_dir``; return the final summary.
 
     ``strategy`` defaults to one local process; cluster/ passes a DeepSpeed strategy.
@@ -133,7 +133,7 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None, model_factory=None) 
         local = torch.tensor(float(math.ceil(eval_stream.num_groups / cfg.data.eval_batch_groups)),
                              device=strategy.device)
         most = int(strategy.all_reduce(local, op="max").item())
-        return evaluate(model, eval_stream, strategy=strategy, num_batches=most)
+        return evaluate(model, eval_stream, strategy=strategy, num_batches=most, judge=objective.judge)
 
     def save(step: int, last: dict) -> Path:
         return save_checkpoint(strategy, out_dir, step=step, keep_last=cfg.train.keep_last,
@@ -150,7 +150,8 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None, model_factory=None) 
         for _ in range(cfg.train.grad_accum):
             batch = next(batches).to(strategy.device)
             with strategy.autocast():
-                output = model(batch.input_ids, batch.attention_mask, batch.score_index)
+                output = model(batch.input_ids, batch.attention_mask, batch.score_index,
+                               **objective.model_inputs(batch))
                 result = objective(output, batch)
             strategy.backward(result.loss)
             strategy.step()

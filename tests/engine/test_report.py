@@ -1,0 +1,78 @@
+"""The report: pair accuracy by source and turns, binary and log-prob judges, the report folder."""
+import json
+
+import pytest
+import torch
+
+from rankpm.engine.data.schema import Batch
+from rankpm.engine.judges import binary_logits
+from rankpm.engine.model import ModelOutput
+from rankpm.engine.report import analyse, collect_pairs, write_report
+
+
+class FixedScores(torch.nn.Module):
+    """A 'model' whose score for a sequence is its first token id, and whose token log-probs are
+    -(target id) / 10 (so shorter, smaller-id responses have the higher mean log-prob)."""
+
+    def forward(self, input_ids, attention_mask, score_index, lm_targets=None):
+        logprobs = None
+        if lm_targets is not None:
+            logprobs = torch.where(lm_targets >= 0, -lm_targets.float() / 10, 0.0)
+        return ModelOutput(input_ids[:, 0].float(), torch.zeros(input_ids.shape + (1,)), logprobs)
+
+
+def batch(first_tokens, ranks, offsets, sources, turns):
+    S = len(first_tokens)
+    ids = torch.tensor([[t, 2, 1] for t in first_tokens])
+    return Batch(input_ids=ids, attention_mask=torch.ones(S, 3, dtype=torch.long),
+                 score_index=torch.full((S,), 2), response_mask=torch.tensor([[False, True, False]] * S),
+                 group_offsets=torch.tensor(offsets), ranks=torch.tensor(ranks),
+                 margin=torch.zeros(len(offsets) - 1), turns=torch.tensor(turns), sources=sources)
+
+
+def test_accuracy_overall_by_source_and_by_turns():
+    # group a (source x, 1 turn): scores 3 > 1 > 2 with ranks 0, 1, 2 -> pairs right, right, wrong
+    # group b (source y, 2 turns): scores 5, 5 with ranks 0, 1 -> an exact tie counts wrong
+    b = batch([3, 1, 2, 5, 5], ranks=[0, 1, 2, 0, 1], offsets=[0, 3, 5], sources=["x", "y"], turns=[1, 2])
+    section = analyse(collect_pairs(FixedScores(), [b]), name="t")
+    assert section["pairs"] == 4 and section["accuracy"] == pytest.approx(2 / 4)
+    assert section["by_source"] == {"x": {"pairs": 3, "accuracy": pytest.approx(2 / 3)},
+                                    "y": {"pairs": 1, "accuracy": 0.0}}
+    assert section["by_turns"] == {"1": {"pairs": 3, "accuracy": pytest.approx(2 / 3)},
+                                   "2": {"pairs": 1, "accuracy": 0.0}}
+    assert section["score_stats_by_source"]["y"] == {"n": 2, "mean": 5.0, "std": 0.0}
+    assert section["score_mean"] == pytest.approx(16 / 5)
+
+
+def test_binary_judge_compares_p_good_of_each_response():
+    # label-expanded: response 0 -> (x0+GOOD, x0+BAD) scored (2, 0): logit 2; response 1 -> (4, 3): logit 1
+    judged = binary_logits(torch.tensor([2.0, 0.0, 4.0, 3.0]), torch.tensor([0, 0, 1, 1]),
+                           torch.tensor([0, 4]), torch.zeros(1))
+    assert judged.scores.tolist() == [2.0, 1.0] and judged.ranks.tolist() == [0, 1]
+    assert judged.group_offsets.tolist() == [0, 2]
+    with pytest.raises(ValueError, match="label-expanded"):
+        binary_logits(torch.zeros(3), torch.zeros(3), torch.tensor([0, 3]), torch.zeros(1))
+
+
+def test_logprob_judge_uses_the_mean_log_prob_of_the_response_tokens():
+    # response token is input_ids[:, 1] = 2 for both -> equal mean log-probs -> the tie is wrong
+    b = batch([9, 1], ranks=[0, 1], offsets=[0, 2], sources=["x"], turns=[1])
+    data = collect_pairs(FixedScores(), [b], judge="logprob")
+    assert data.scores == pytest.approx([-0.2, -0.2]) and data.gaps == [0.0]
+
+
+def test_the_report_folder_holds_json_markdown_and_pngs(tmp_path):
+    b = batch([3, 1, 2, 5, 4], ranks=[0, 1, 2, 0, 1], offsets=[0, 3, 5], sources=["x", "y"], turns=[1, 2])
+    sections = [analyse(collect_pairs(FixedScores(), [b]), name="stage 1"),
+                analyse(collect_pairs(FixedScores(), [b]), name="stage2")]
+    write_report(tmp_path, sections, extra={"model": "m"})
+    text = (tmp_path / "report.json").read_text()
+    assert "NaN" not in text  # strict JSON: empty calibration bins are null
+    report = json.loads(text)
+    assert [s["name"] for s in report["sections"]] == ["stage 1", "stage2"]
+    assert report["sections"][0]["images"] == {"reliability": "reliability_stage_1.png", "scores": "scores_stage_1.png"}
+    assert report["sections"][0]["calibration"]["bins"][0]["frequency"] is None
+    for name in ("reliability_stage_1.png", "scores_stage_1.png", "reliability_stage2.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "report.md").read_text()
+    assert "| stage 1 | score | 4 | 0.7500 |" in md and "![reliability](reliability_stage2.png)" in md
