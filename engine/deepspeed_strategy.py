@@ -27,6 +27,7 @@ from torch import nn
 
 from rankpm.engine.config import ConfigError, RunConfig
 from rankpm.engine.io import atomic_write_json
+from rankpm.engine.strategy import attention_backends
 
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's own folder inside a rankpm checkpoint
 STATE_FILE = "strategy.json"
@@ -181,7 +182,8 @@ class DeepSpeedStrategy:
         return self.engine
 
     def autocast(self):
-        return contextlib.nullcontext()  # bf16 is DeepSpeed's (bf16 weights, fp32 master copy)
+        # bf16 is DeepSpeed's (bf16 weights, fp32 master copy); attention as LocalStrategy's
+        return attention_backends() if self.device.type == "cuda" else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -19,6 +19,16 @@ import torch
 from torch import nn
 
 
+def attention_backends():
+    """Scaled-dot-product attention without the cuDNN backend, which builds a plan for each
+    new input shape: preference batches change shape every step (group sizes, lengths), so
+    planning dominated (bf16 quickstart on an H100: 244 pairs/s with it, 1058 without).
+    Flash, memory-efficient and math attention remain."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class LocalStrategy:
     rank = 0
     world_size = 1
@@ -43,9 +53,14 @@ class LocalStrategy:
         return self.model
 
     def autocast(self):
+        """The context of every forward: bf16 autocast when asked, and on CUDA the attention
+        backends that suit variable batch shapes (see attention_backends)."""
+        stack = contextlib.ExitStack()
         if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+        if self.device.type == "cuda":
+            stack.enter_context(attention_backends())
+        return stack
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
