@@ -46,10 +46,15 @@ def add_jobs_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def client(address: str | None):
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise JobError(f"the Ray cluster at {address or 'RAY_ADDRESS'} requires token authentication: "
+                       f"export RAY_AUTH_MODE=token and make the head's token available (RAY_AUTH_TOKEN, "
+                       f"or ~/.ray/auth_token copied from the head)") from None
     except (ConnectionError, ValueError, RuntimeError) as err:
         where = address or "RAY_ADDRESS"
         raise JobError(f"cannot reach the Ray Jobs API at {where} ({err}); is the head running "
