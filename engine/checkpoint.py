@@ -47,7 +47,9 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(strategy, out_dir: str | Path, *, step: int, trainer_state: dict,
-                    reader_state: dict, keep_last: int) -> Path:
+                    reader_state: dict, keep_last: int, export=None) -> Path:
+    """``export(folder)``, called on every rank (it may be a collective), writes the
+    consolidated model into the checkpoint, so that any checkpoint can be evaluated."""
     root = checkpoints_root(out_dir)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -56,6 +58,8 @@ def save_checkpoint(strategy, out_dir: str | Path, *, step: int, trainer_state: 
         tmp.mkdir(parents=True)
     strategy.barrier()
     strategy.save(tmp)
+    if export is not None:
+        export(tmp / "model")
     atomic_write_json(tmp / f"reader_rank{strategy.rank}.json", reader_state)
     torch.save(_rng_state(), tmp / f"rng_rank{strategy.rank}.pt")
     strategy.barrier()

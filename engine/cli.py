@@ -1,7 +1,7 @@
 """The ``rankpm`` command line.
 
     rankpm train CONFIG [KEY=VALUE ...] [--workers N] [--address HOST:PORT]
-    rankpm eval MODEL_DIR DATA... [--out REPORT_DIR]
+    rankpm eval MODEL_OR_CHECKPOINT DATA... [--out DIR] [--report DIR]
     rankpm prepare INPUT... --out DIR --tokenizer PATH_OR_KIND
     rankpm generate --out FILE --groups N --seed S
     rankpm submit CONFIG [KEY=VALUE ...] --address http://HEAD:8265 [--workers N] [--follow]
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_run_train)
 
     p = commands.add_parser("eval", help="evaluate a trained model folder on comparison data")
-    p.add_argument("model", help="a model folder written by training (OUT_DIR/model)")
+    p.add_argument("model", help="a model folder (OUT_DIR/model), a checkpoint (OUT_DIR/checkpoints/step_N) "
+                                 "or a run folder (OUT_DIR)")
     p.add_argument("data", nargs="+", help="a prepared folder or input files (JSONL/Parquet)")
     p.add_argument("--out", help="folder for the prepared data and the report (default: a temporary one)")
     p.add_argument("--batch-groups", type=int, default=64)

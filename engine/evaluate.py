@@ -15,12 +15,14 @@ from rankpm.kernels.ranked_loss import ranked_preference_loss
 
 
 @torch.no_grad()
-def evaluate(model, batches, *, strategy, num_batches: int | None = None, judge: str = "score") -> dict:
+def evaluate(model, batches, *, strategy, num_batches: int | None = None, judge: str = "score",
+             filler: Batch | None = None) -> dict:
     """Evaluate over this rank's batches; sums are reduced over every rank.
 
     ``num_batches``: when given, every rank runs exactly that many forward passes (the
-    global maximum), repeating its last batch with zero weight, so that collective
-    operations inside the forward (ZeRO-3 parameter gathers) stay in step across ranks.
+    global maximum), repeating its last batch with zero weight (``filler`` when its share is
+    empty), so that collective operations inside the forward (ZeRO-3 parameter gathers)
+    stay in step across ranks.
     ``judge``: how responses are compared (rankpm.engine.judges): "score" (preference
     models), "binary" (P(GOOD), on label-expanded data) or "logprob" (imitation models).
     """
@@ -35,8 +37,10 @@ def evaluate(model, batches, *, strategy, num_batches: int | None = None, judge:
         seen += 1
     if num_batches is not None:
         for _ in range(num_batches - seen):
-            if last is None:
-                raise RuntimeError(f"rank {strategy.rank} has no evaluation data to keep in step with")
+            if last is None:  # a rank whose share is empty: any batch keeps it in step
+                if filler is None:
+                    raise RuntimeError(f"rank {strategy.rank} has no evaluation data to keep in step with")
+                last = filler.to(device)
             _batch_totals(model, last, strategy, judge)  # collectives only; results unused
     model.train()
     pairs, correct, loss, n, total, total_sq = strategy.all_reduce(totals).tolist()

@@ -13,7 +13,7 @@ import torch
 from rankpm.engine.data.collate import collate
 from rankpm.engine.data.tokenizer import load_tokenizer
 from rankpm.engine.evaluate import evaluate
-from rankpm.engine.model import PreferenceModel
+from rankpm.engine.model import MODEL_FILE, PreferenceModel
 from rankpm.engine.strategy import LocalStrategy
 
 MANIFEST = "manifest.json"
@@ -30,7 +30,7 @@ class RewardScorer:
 
     @classmethod
     def from_folder(cls, directory: str | Path, device: str = "cpu") -> "RewardScorer":
-        directory = Path(directory)
+        directory = resolve_model_folder(directory)
         meta = PreferenceModel.read_meta(directory)
         max_length = meta["config"]["data"]["max_length"]
         return cls(PreferenceModel.load(directory), load_tokenizer(str(directory / "tokenizer")),
@@ -68,6 +68,16 @@ class RewardScorer:
         return self.model(batch.input_ids, batch.attention_mask, batch.score_index).scores.tolist()
 
 
+def resolve_model_folder(path: str | Path) -> Path:
+    """A model folder as given, or the one inside a checkpoint or a run folder."""
+    path = Path(path)
+    for candidate in (path, path / "model"):  # model folder; checkpoint or run folder
+        if (candidate / MODEL_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(f"{path} is neither a model folder ({MODEL_FILE}), a checkpoint "
+                            f"(OUT_DIR/checkpoints/step_N) nor a run folder (OUT_DIR)")
+
+
 def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: str | Path | None = None,
                           batch_groups: int = 64, skip_bad: bool = False, report_dir: str | Path | None = None,
                           judge: str | None = None) -> dict:
@@ -82,7 +92,7 @@ def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: st
     from rankpm.engine.data.stream import ComparisonStream
     from rankpm.engine.judges import judge_for_objective
 
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_folder(model_dir)
     meta = PreferenceModel.read_meta(model_dir)
     objective = meta["config"].get("objective", {})
     judge = judge or judge_for_objective(objective.get("name", "ranked"))

@@ -128,16 +128,25 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
     def run_eval() -> dict:
         if data.eval_dir is None:
             return {}
+        # ranks alternate group by group (evaluation needs no layout parity, only coverage)
         eval_stream = ComparisonStream(data.eval_dir, rank=strategy.rank, world_size=strategy.world_size,
-                                       shuffle=False, batch_groups=cfg.data.eval_batch_groups, loop=False)
+                                       shuffle=False, batch_groups=cfg.data.eval_batch_groups, loop=False,
+                                       interleave=1)
         local = torch.tensor(float(math.ceil(eval_stream.num_groups / cfg.data.eval_batch_groups)),
                              device=strategy.device)
         most = int(strategy.all_reduce(local, op="max").item())
-        return evaluate(model, eval_stream, strategy=strategy, num_batches=most, judge=objective.judge)
+        filler = None
+        if eval_stream.num_groups == 0:  # more ranks than evaluation groups
+            filler = next(iter(ComparisonStream(data.eval_dir, shuffle=False, batch_groups=1, loop=False)))
+        return evaluate(model, eval_stream, strategy=strategy, num_batches=most, judge=objective.judge,
+                        filler=filler)
 
     def save(step: int, last: dict) -> Path:
+        def export(folder: Path) -> None:
+            export_model(strategy, folder, tokenizer_dir=data.tokenizer_dir, cfg=cfg, eval_metrics=last)
+
         return save_checkpoint(strategy, out_dir, step=step, keep_last=cfg.train.keep_last,
-                               reader_state=stream.state_dict(),
+                               reader_state=stream.state_dict(), export=export,
                                trainer_state={"pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
                                               "config": cfg.to_dict(), "metrics": last})
 

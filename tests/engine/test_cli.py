@@ -33,7 +33,7 @@ def test_quickstart_reaches_90_percent_and_eval_agrees(tmp_path):
     assert summary["eval_accuracy"] >= 0.90, summary
     assert (tmp_path / summary["checkpoint"] / "trainer.json").is_file()
 
-    evaluated = rankpm("eval", summary["model"], "runs/quickstart/data/eval", cwd=tmp_path)
+    evaluated = rankpm("eval", summary["checkpoint"], "runs/quickstart/data/eval", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert report["eval_accuracy"] == pytest.approx(summary["eval_accuracy"], abs=1e-6)

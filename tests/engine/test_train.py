@@ -65,6 +65,12 @@ def test_checkpoints_keep_the_last_n_and_latest_points_at_a_complete_one(tmp_pat
     assert latest_checkpoint(out).name == "step_00000006"
     meta = json.loads((out / "checkpoints" / "step_00000006" / "trainer.json").read_text())
     assert meta["step"] == 6 and meta["world_size"] == 1 and meta["config"]["train"]["max_steps"] == 6
+    # every checkpoint holds a consolidated model: an older one can be scored too
+    older = RewardScorer.from_folder(out / "checkpoints" / "step_00000004")
+    final = RewardScorer.from_folder(out / "checkpoints" / "step_00000006")
+    context, responses = "\n\nHuman: hi\n\nAssistant:", [" hello", " go away"]
+    assert older.score(context, responses) != final.score(context, responses)
+    assert final.score(context, responses) == RewardScorer.from_folder(out).score(context, responses)
 
 
 def test_a_dangling_latest_pointer_is_reported(tmp_path):
@@ -87,3 +93,24 @@ def test_short_run_learns_well_above_chance_and_exports_a_scorer(tmp_path):
     scorer = RewardScorer.from_folder(summary["model"])
     scores = scorer.score("\n\nHuman: hello\n\nAssistant:", ["a reply", "another reply", "x"])
     assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
+
+
+def test_a_rank_with_no_evaluation_groups_keeps_in_step_with_a_filler_batch(tmp_path):
+    """With more ranks than evaluation groups, an empty rank still runs the forward passes
+    the others run (ZeRO-3 gathers parameters inside them) and contributes nothing."""
+    import torch
+
+    from rankpm.engine.data.stream import ComparisonStream
+    from rankpm.engine.evaluate import evaluate
+    from rankpm.engine.model import PreferenceModel
+    from rankpm.engine.strategy import LocalStrategy
+
+    out = tmp_path / "run"
+    train(tiny_config(out, max_steps=1))
+    calls = []
+    model = PreferenceModel.load(out / "model")
+    model.register_forward_hook(lambda *_: calls.append(1))
+    strategy = LocalStrategy(device=torch.device("cpu"))
+    filler = next(iter(ComparisonStream(out / "data" / "eval", shuffle=False, batch_groups=1, loop=False)))
+    result = evaluate(model, [], strategy=strategy, num_batches=3, filler=filler)
+    assert len(calls) == 3 and result["eval_pairs"] == 0 and result["eval_sequences"] == 0
