@@ -70,7 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub)
         sub.set_defaults(run=lambda args, module=module: print(json.dumps(module.run(args)["rows"])) or 0)
 
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come after options too (rankpm train CONFIG --workers 2 a.b=1),
+    # which argparse alone leaves unparsed
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     from rankpm.engine.config import ConfigError
     from rankpm.engine.data.errors import DataError

@@ -24,6 +24,16 @@ def test_bad_config_key_exits_with_its_name(tmp_path):
     assert "unknown key train.learning_rate" in result.stderr
 
 
+def test_overrides_may_follow_options(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: {synthetic: {}}\n")
+    # parsed as overrides (the bad key proves it reached the config), not refused by argparse
+    result = rankpm("train", str(config), "--workers", "1", "train.nope=1", cwd=tmp_path)
+    assert result.returncode == 2 and "unknown key train.nope" in result.stderr
+    result = rankpm("train", str(config), "--workers", "1", "--frobnicate", cwd=tmp_path)
+    assert result.returncode == 2 and "unrecognized arguments: --frobnicate" in result.stderr
+
+
 @pytest.mark.slow
 def test_quickstart_reaches_90_percent_and_eval_agrees(tmp_path):
     result = rankpm("train", str(ROOT / "configs" / "quickstart.yaml"), "train.progress=false", cwd=tmp_path)
