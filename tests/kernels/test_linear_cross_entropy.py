@@ -16,26 +16,8 @@ from rankpm.kernels.linear_cross_entropy import (
     linear_cross_entropy_reference,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_impls import DEVICE, IMPLS
 
-
-def _triton_runs_here():
-    """Compiled on CUDA; on CPU only when triton itself was imported under the interpreter."""
-    try:
-        import triton.language.standard as tls
-    except ImportError:  # pragma: no cover
-        return False
-    if DEVICE == "cuda":
-        return True
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tls._sum_combine, InterpretedFunction)
-
-
-HAS_TRITON = _triton_runs_here()
-
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not HAS_TRITON, reason="triton imported before TRITON_INTERPRET=1 (see conftest)"))]
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 SHAPES = [(37, 129, 1031), (5, 16, 64)]  # (N, H, V), not multiples of any block
 
