@@ -56,31 +56,34 @@ def _materialize(cfg: RunConfig, data_root: Path) -> None:
             generate(eval_file, groups=s.eval_groups, seed=s.seed + 1_000_003, k_min=s.k_min, k_max=s.k_max)
         train_inputs, eval_inputs = [str(train_file)], [str(eval_file)]
 
-    train_inputs, eval_inputs = _transform(cfg, data_root, train_inputs, eval_inputs)
+    (train_inputs, train_skipped), (eval_inputs, eval_skipped) = _transform(cfg, data_root, train_inputs,
+                                                                            eval_inputs)
     options = dict(max_length=d.max_length, truncation=d.truncation, skip_bad=d.skip_bad, seed=cfg.train.seed)
     train_dir = _prepared_dir(train_inputs, data_root / "train", synthetic=False)
     if not (train_dir / MANIFEST).is_file():
-        prepare(train_inputs, train_dir, d.tokenizer, **options)
+        prepare(train_inputs, train_dir, d.tokenizer, skipped_before=train_skipped, **options)
     if eval_inputs:
         eval_dir = _prepared_dir(eval_inputs, data_root / "eval", synthetic=False)
         if not (eval_dir / MANIFEST).is_file():
             # the evaluation shards use exactly the training tokenizer
-            prepare(eval_inputs, eval_dir, str(train_dir / "tokenizer"), **options)
+            prepare(eval_inputs, eval_dir, str(train_dir / "tokenizer"), skipped_before=eval_skipped, **options)
 
 
 def _transform(cfg: RunConfig, data_root: Path, train_inputs: list[str], eval_inputs: list[str]):
-    """Text-level pair transforms the objective needs (binary: binarize / label-expand)."""
+    """Text-level pair transforms the objective needs (binary: binarize / label-expand).
+
+    Per split: (inputs to prepare, rows the transform skipped as bad, for the manifest).
+    """
     from rankpm.engine.data.transforms import Labels, run_transforms, transform_files
 
-    if cfg.data.transform == "none":
-        return train_inputs, eval_inputs
-    train_t, eval_t = run_transforms(cfg.objective)
+    train_t, eval_t = run_transforms(cfg.objective) if cfg.data.transform != "none" else ("none", "none")
     labels = Labels(cfg.objective.labels.good, cfg.objective.labels.bad)
     out = []
     for split, inputs, name in (("train", train_inputs, train_t), ("eval", eval_inputs, eval_t)):
+        skipped: list[dict] = []
         if name != "none" and inputs and not (data_root / split / MANIFEST).is_file():
             target = data_root / f"{split}_{name}.jsonl"
             inputs = [str(transform_files(inputs, target, name, labels, cfg.objective.pairs,
-                                          skip_bad=cfg.data.skip_bad))]
-        out.append(inputs)
-    return out[0], out[1]
+                                          skip_bad=cfg.data.skip_bad, skipped=skipped))]
+        out.append((inputs, skipped))
+    return out

@@ -100,14 +100,14 @@ def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: st
         data_dir = Path(data[0]) if len(data) == 1 and (Path(data[0]) / MANIFEST).is_file() else None
         if data_dir is None:
             data_dir = Path(out_dir or scratch) / "data"
-            inputs = list(data)
+            inputs, skipped = list(data), []
             if judge == "binary":
                 from rankpm.engine.data.transforms import Labels, transform_files
                 labels = Labels(**objective.get("labels", {}))
                 inputs = [str(transform_files(inputs, Path(out_dir or scratch) / "label_expanded.jsonl",
-                                              "label_expand", labels, skip_bad=skip_bad))]
+                                              "label_expand", labels, skip_bad=skip_bad, skipped=skipped))]
             prepare(inputs, data_dir, str(model_dir / "tokenizer"), max_length=meta["config"]["data"]["max_length"],
-                    truncation=meta["config"]["data"]["truncation"], skip_bad=skip_bad)
+                    truncation=meta["config"]["data"]["truncation"], skip_bad=skip_bad, skipped_before=skipped)
         model = PreferenceModel.load(model_dir, with_lm_head=True if judge == "logprob" else None)
         strategy = LocalStrategy(device=torch.device("cpu"))
         strategy.setup(model, None, None)

@@ -10,6 +10,9 @@ The format is detected from the row's fields:
     transcript  chosen, rejected            strings: whole HH-RLHF dialogues
                                             ("\\n\\nHuman: ...\\n\\nAssistant: ...") that agree up to
                                             the final assistant turn
+    labelled    prompt, response, label     one response judged on its own: label true/false,
+                                            "good"/"bad" or 1/0; a LabelledResponse, which only
+                                            the binary objective's transforms turn into a pair
 
 Message lists are rendered to the same text format as the transcripts: each message as
 ``"\\n\\nHuman: ..."`` / ``"\\n\\nAssistant: ..."`` (system messages as ``"\\n\\nSystem: ..."``),
@@ -21,7 +24,7 @@ from __future__ import annotations
 import re
 
 from rankpm.engine.data.errors import DataError, Where
-from rankpm.engine.data.schema import ComparisonGroup
+from rankpm.engine.data.schema import ComparisonGroup, LabelledResponse
 
 ASSISTANT = "\n\nAssistant:"
 ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
@@ -33,7 +36,7 @@ def count_turns(context: str) -> int:
     return max(1, len(_HUMAN_TURN.findall(context)))
 
 
-def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup]:
+def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup | LabelledResponse]:
     """(format name, group) for one row; DataError on anything unusable."""
     if not isinstance(row, dict):
         raise DataError(where, "<row>", f"expected a JSON object, got {type(row).__name__}")
@@ -53,9 +56,18 @@ def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup]
             raise DataError(where, "rejected", f"chosen is {type(chosen).__name__} but rejected is "
                             f"{type(rejected).__name__}; expected two strings or two message lists")
         ranks = [0, 1]
+    elif "response" in row or "label" in row:
+        fmt, ranks = "labelled", None
+        name = "prompt" if "prompt" in row else "context"
+        context = _context(_require(row, name, where), name, where)
+        responses = [_response(_require(row, "response", where), "response", where)]
+        good = _label(_require(row, "label", where), where)
+        if row.get("margin") is not None:
+            raise DataError(where, "margin", "a labelled response forms no ranked pair to carry a margin")
     else:
         raise DataError(where, "<row>", f"unrecognised row with fields {sorted(row)}: expected "
-                        "prompt/chosen/rejected, chosen/rejected transcripts, or prompt/responses/ranks")
+                        "prompt/chosen/rejected, chosen/rejected transcripts, prompt/responses/ranks, "
+                        "or prompt/response/label")
     for k, text in enumerate(responses):
         if not text.strip():
             raise DataError(where, response_field(fmt, k), "empty response")
@@ -76,6 +88,9 @@ def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup]
         turns = count_turns(context)
     elif isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
         raise DataError(where, "turns", f"expected a positive integer, got {turns!r}")
+    if fmt == "labelled":
+        return fmt, LabelledResponse(id=str(group_id), context=context, response=responses[0], good=good,
+                                     source=source, turns=turns)
     group = ComparisonGroup(id=str(group_id), context=context, responses=responses, ranks=ranks,
                             margin=None if margin is None else float(margin), source=source, turns=turns)
     return fmt, group
@@ -90,7 +105,23 @@ def _require(row: dict, name: str, where: Where):
 def response_field(fmt: str, k: int) -> str:
     if fmt == "ranked":
         return f"responses[{k}]"
+    if fmt == "labelled":
+        return "response"
     return ("chosen", "rejected")[k]
+
+
+_LABELS = {"good": True, "bad": False}
+
+
+def _label(value, where: Where) -> bool:
+    """true/false, "good"/"bad" (any case) or 1/0."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABELS:
+        return _LABELS[value.strip().lower()]
+    raise DataError(where, "label", f"expected true/false, \"good\"/\"bad\" or 1/0, got {value!r}")
 
 
 def _ranked(row: dict, where: Where) -> tuple[str, list[str], list[int]]:

@@ -56,12 +56,14 @@ def truncate(context: list[int], responses: list[list[int]], max_length: int, po
 
 def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "bytes", *, max_length: int = 512,
             truncation: str = "left", shard_size_mb: float = 64.0, rows_per_shard: int | None = None,
-            skip_bad: bool = False, seed: int = 0) -> dict:
+            skip_bad: bool = False, seed: int = 0, skipped_before: list[dict] | None = None) -> dict:
     """Tokenize ``inputs`` into ``out_dir``; return the manifest.
 
     ``tokenizer``: "bytes", "bpe:<vocab size>" (trained on these inputs) or a tokenizer
     folder (a local transformers folder, or a prepared folder's tokenizer/). ``seed`` is
     recorded only: preparation is deterministic and keeps the input order.
+    ``skipped_before``: bad rows an earlier step (a pair transform) skipped on the way to
+    ``inputs``; the manifest lists them with the rest.
     """
     inputs = [str(p) for p in inputs]
     out_dir = Path(out_dir)
@@ -80,7 +82,7 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "byt
             yield from group.responses
 
     tok = build_tokenizer(str(tokenizer), texts)
-    skipped: list[dict] = []
+    skipped: list[dict] = list(skipped_before or [])
     with atomic_dir(out_dir) as tmp:
         tok.save(tmp / "tokenizer")
         writer = ShardWriter(tmp, max_bytes=int(shard_size_mb * 2**20), max_rows=rows_per_shard)

@@ -8,6 +8,9 @@ row raises DataError naming file, line (1-based; the row index for Parquet) and 
 with ``skip_bad`` it is appended to ``skipped`` as {file, line, field, reason} instead
 (logged as a warning when no list is given). Blank lines of a JSON Lines file hold no
 row and are passed over. Ids default to ``"<file stem>:<line>"``.
+
+A labelled response (prompt/response/label) is a bad row here unless the caller asks for
+``labelled=True``: only the binary objective's transforms can make a pair of it.
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ from typing import Iterator
 
 from rankpm.engine.data.errors import DataError, Where
 from rankpm.engine.data.formats import parse_row
-from rankpm.engine.data.schema import ComparisonGroup
+from rankpm.engine.data.schema import ComparisonGroup, LabelledResponse
 
 log = logging.getLogger(__name__)
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+NOT_A_PAIR = ("a single labelled response forms a pair only once label strings are appended: train on it "
+              "with objective.name=binary (data.transform=auto makes x+GOOD > x+BAD, or the reverse)")
 
 
 def iter_raw_rows(path: str | Path) -> Iterator[tuple[Where, object]]:
@@ -64,8 +69,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[Where, object]]:
             index += 1
 
 
-def iter_groups(paths, *, skip_bad: bool = False,
-                skipped: list | None = None) -> Iterator[tuple[Where, str, ComparisonGroup]]:
+def iter_groups(paths, *, skip_bad: bool = False, skipped: list | None = None,
+                labelled: bool = False) -> Iterator[tuple[Where, str, ComparisonGroup | LabelledResponse]]:
     """(where, format, group) for every good row of every file, in order."""
     for path in paths:
         stem = Path(path).stem
@@ -74,6 +79,8 @@ def iter_groups(paths, *, skip_bad: bool = False,
                 if isinstance(row, DataError):
                     raise row
                 fmt, group = parse_row(row, where, default_id=f"{stem}:{where.line}")
+                if isinstance(group, LabelledResponse) and not labelled:
+                    raise DataError(where, "label", NOT_A_PAIR)
             except DataError as err:
                 if not skip_bad:
                     raise
@@ -85,7 +92,8 @@ def iter_groups(paths, *, skip_bad: bool = False,
             yield where, fmt, group
 
 
-def read_groups(paths, *, skip_bad: bool = False, skipped: list | None = None) -> Iterator[ComparisonGroup]:
+def read_groups(paths, *, skip_bad: bool = False, skipped: list | None = None,
+                labelled: bool = False) -> Iterator[ComparisonGroup | LabelledResponse]:
     """The groups of every file, in order (see ``iter_groups``)."""
-    for _, _, group in iter_groups(paths, skip_bad=skip_bad, skipped=skipped):
+    for _, _, group in iter_groups(paths, skip_bad=skip_bad, skipped=skipped, labelled=labelled):
         yield group

@@ -30,6 +30,19 @@ class ComparisonGroup:
     turns: int = 1  # dialogue turns in the context (Human/Assistant exchanges)
 
 
+@dataclass
+class LabelledResponse:
+    """One response judged good or bad on its own. It is no comparison until label strings
+    are appended: the binary objective's transforms make it x+GOOD > x+BAD (or the reverse)."""
+
+    id: str
+    context: str
+    response: str
+    good: bool
+    source: str = ""
+    turns: int = 1
+
+
 # One row of a tokenized shard. Token lists already respect the length policy chosen
 # at prepare time: len(context_ids) + len(response_ids[k]) + 1 <= max_length.
 SHARD_SCHEMA = pa.schema(

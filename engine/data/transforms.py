@@ -6,7 +6,8 @@ time. The per-pair loss stays in the ranked-loss kernel: a binary pair is a K = 
 
     ranked_pairs(g, "all")       [(better, worse), ...] indices; ties form no pair
     binarize(g, labels)          A > B  ->  [A+GOOD > A+BAD], [B+BAD > B+GOOD]
-    labelled_pair(c, x, good)    one response with its own label -> one label pair
+    labelled_pair(c, x, good)    one response with its own label -> one label pair (input rows
+                                 prompt/response/label, read as LabelledResponse)
     binary_task(c, right, wrong) C:A > C:B
     label_expand(g, labels)      K responses -> 2K: x1+GOOD, x1+BAD, x2+GOOD, ... (evaluation
                                  of a binary discriminator: P(GOOD) = sigmoid(r(x+GOOD) - r(x+BAD)))
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from rankpm.engine.data.schema import ComparisonGroup
+from rankpm.engine.data.schema import ComparisonGroup, LabelledResponse
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,21 @@ TRANSFORMS = ("none", "binarize", "label_expand")
 
 
 def apply_transform(groups, name: str, labels: Labels = Labels(), pairs: str = "all"):
-    """Yield the transformed groups of an iterable of groups (``name`` in TRANSFORMS)."""
+    """Yield the transformed groups of an iterable of groups (``name`` in TRANSFORMS).
+
+    A LabelledResponse becomes its one label pair under both binary transforms: for
+    training that is the pair, and for evaluation P(GOOD) > 1/2 on the labelled side is
+    what the pair's accuracy counts.
+    """
     if name not in TRANSFORMS:
         raise ValueError(f"transform={name!r}: expected one of {TRANSFORMS}")
     for group in groups:
-        if name == "none":
+        if isinstance(group, LabelledResponse):
+            if name == "none":
+                raise ValueError(f"labelled response {group.id!r}: forms no pair without the binary transforms")
+            yield labelled_pair(group.context, group.response, group.good, labels, id=group.id,
+                                source=group.source, turns=group.turns)
+        elif name == "none":
             yield group
         elif name == "binarize":
             yield from binarize(group, labels, pairs)
@@ -121,8 +132,10 @@ def run_transforms(objective) -> tuple[str, str]:
 
 
 def transform_files(inputs: list[str], out_file: str | Path, name: str, labels: Labels = Labels(),
-                    pairs: str = "all", *, skip_bad: bool = False) -> Path:
-    """Read comparison files (any format the readers know), transform, write ranked-list JSONL."""
+                    pairs: str = "all", *, skip_bad: bool = False, skipped: list | None = None) -> Path:
+    """Read comparison files (any format the readers know, labelled responses too), transform,
+    write ranked-list JSONL. Bad rows skipped under ``skip_bad`` are appended to ``skipped``
+    (so that the prepared folder's manifest lists them) or, without a list, logged."""
     from rankpm.engine.data.synthetic_pmp import write_jsonl
 
     for item in inputs:
@@ -130,17 +143,7 @@ def transform_files(inputs: list[str], out_file: str | Path, name: str, labels: 
             raise ValueError(f"{item}: a prepared (tokenized) folder cannot be {name}d - transforms work on "
                              f"text; give the input files instead, or set data.transform=none if the data "
                              f"is already in the form the objective needs")
-    return write_jsonl(apply_transform(_read_all(inputs, skip_bad), name, labels, pairs), out_file)
-
-
-def _read_all(inputs: list[str], skip_bad: bool):
-    """Groups of the input files through the engine's readers; skipped bad rows are logged."""
-    import logging
-
     from rankpm.engine.data.readers import read_groups
 
-    skipped: list = []
-    yield from read_groups(inputs, skip_bad=skip_bad, skipped=skipped)
-    if skipped:
-        logging.getLogger(__name__).warning("transform: skipped %d bad rows of %s: %s", len(skipped),
-                                            ", ".join(inputs), skipped[:5])
+    groups = read_groups(inputs, skip_bad=skip_bad, skipped=skipped, labelled=True)
+    return write_jsonl(apply_transform(groups, name, labels, pairs), out_file)

@@ -8,6 +8,7 @@ import pytest
 from rankpm.engine.data.errors import DataError
 from rankpm.engine.data.prepare import prepare
 from rankpm.engine.data.readers import iter_groups, read_groups
+from rankpm.engine.data.schema import LabelledResponse
 
 
 def write_jsonl(path, rows):
@@ -104,6 +105,7 @@ BAD_ROWS = [  # (row, field named in the error, words of the reason)
     ({"prompt": [{"role": "robot", "content": "A"}], "chosen": "a", "rejected": "b"}, "prompt[0].role", "robot"),
     ({"text": "hello"}, "<row>", "unrecognised row"),
     ({"prompt": "P", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "expected a number"),
+    ({"prompt": "P", "response": "a", "label": True}, "label", "objective.name=binary"),
 ]
 
 
@@ -116,6 +118,34 @@ def test_a_bad_row_names_file_line_and_field(tmp_path, row, field, reason):
     err = info.value
     assert (err.file, err.line, err.field) == (str(f), 3, field)
     assert f"{f}:3: field {field!r}:" in str(err) and reason in str(err)
+
+
+def test_responses_with_their_own_label_are_read_only_for_the_binary_transforms(tmp_path):
+    rows = [{"prompt": "P", "response": " yes", "label": True}, {"prompt": "P", "response": " no", "label": "BAD"},
+            {"id": "x", "context": "Q", "response": " ok", "label": 1, "source": "s"}]
+    f = write_jsonl(tmp_path / "labelled.jsonl", rows)
+    assert list(read_groups([f], labelled=True)) == [
+        LabelledResponse("labelled:1", "P", " yes", True, "", 1),
+        LabelledResponse("labelled:2", "P", " no", False, "", 1),
+        LabelledResponse("x", "Q", " ok", True, "s", 1)]
+    assert [fmt for _, fmt, _ in iter_groups([f], labelled=True)] == ["labelled"] * 3
+
+
+LABELLED_BAD_ROWS = [
+    ({"prompt": "P", "response": "a", "label": "maybe"}, "label", "expected true/false"),
+    ({"prompt": "P", "response": "a", "label": 2}, "label", "expected true/false"),
+    ({"prompt": "P", "response": "a"}, "label", "missing"),
+    ({"prompt": "P", "response": " ", "label": False}, "response", "empty response"),
+    ({"response": "a", "label": False}, "context", "missing"),
+    ({"prompt": "P", "response": "a", "label": False, "margin": 1.0}, "margin", "no ranked pair"),
+]
+
+
+@pytest.mark.parametrize("row,field,reason", LABELLED_BAD_ROWS, ids=[b[1] for b in LABELLED_BAD_ROWS])
+def test_a_bad_labelled_row_names_its_field(tmp_path, row, field, reason):
+    f = write_jsonl(tmp_path / "input.jsonl", [row])
+    with pytest.raises(DataError, match=rf"input.jsonl:1: field '{field}': .*{reason}"):
+        list(read_groups([f], labelled=True))
 
 
 def test_parquet_errors_name_the_row_index(tmp_path):

@@ -1,7 +1,7 @@
 """Pair construction: ranked pairs, binarization, binary tasks, label expansion (worked by hand)."""
 import pytest
 
-from rankpm.engine.data.schema import ComparisonGroup
+from rankpm.engine.data.schema import ComparisonGroup, LabelledResponse
 from rankpm.engine.data.transforms import (Labels, apply_transform, binarize, binary_task, label_expand,
                                            labelled_pair, ranked_pairs)
 
@@ -58,6 +58,17 @@ def test_a_response_with_its_own_label_is_one_pair():
     assert labelled_pair("C:", "x", True).responses == ["x GOOD", "x BAD"]
     assert labelled_pair("C:", "x", False).responses == ["x BAD", "x GOOD"]
     assert labelled_pair("C:", "x", False).ranks == [0, 1]
+
+
+def test_labelled_responses_become_their_label_pair_for_training_and_evaluation():
+    rows = [LabelledResponse("u", "C:", "x", True, "s", 2), LabelledResponse("v", "C:", "y", False)]
+    for name in ("binarize", "label_expand"):
+        out = list(apply_transform(rows, name, Labels("+", "-")))
+        assert [(g.id, g.responses, g.ranks) for g in out] == [("u", ["x+", "x-"], [0, 1]),
+                                                               ("v", ["y-", "y+"], [0, 1])]
+        assert (out[0].source, out[0].turns) == ("s", 2)
+    with pytest.raises(ValueError, match="'u': forms no pair"):
+        list(apply_transform(rows, "none"))
 
 
 def test_binary_task_is_correct_over_wrong_in_the_same_context():
