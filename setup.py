@@ -2,6 +2,13 @@
 
 The three code folders install as ``rankpm.engine``, ``rankpm.kernels`` and
 ``rankpm.cluster``; ``rankpm`` itself is a namespace package (no __init__).
+
+The three folders have no __init__.py either, on purpose: a process started in the
+checkout has it on sys.path, and a regular package there named ``kernels`` would shadow
+the Hugging Face ``kernels`` distribution (a transformers dependency), breaking
+``import transformers`` models, setup.py itself and Ray jobs whose working_dir is the
+checkout. A folder without __init__.py is only a namespace portion, which a regular
+package anywhere on sys.path outranks (PEP 420).
 """
 from setuptools import find_packages, setup
 

@@ -1,4 +1,5 @@
-"""A non-editable install works from outside the checkout: the three packages and the CLI."""
+"""A non-editable install works from outside the checkout: the three packages and the CLI.
+A process started in the checkout still imports third-party packages named like its folders."""
 import os
 import subprocess
 import sys
@@ -20,3 +21,12 @@ def test_installed_copy_imports_from_outside_the_checkout(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(str(target))  # the installed copy, not the checkout
     assert "train" in result.stdout and "prepare" in result.stdout
+
+
+def test_a_process_started_in_the_checkout_imports_the_third_party_kernels_package():
+    # transformers depends on Hugging Face's top-level `kernels`; the checkout's kernels/ must not shadow it
+    code = ("import importlib.util, pathlib; spec = importlib.util.find_spec('kernels'); "
+            "print(spec and spec.origin); import transformers.integrations.hub_kernels")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not result.stdout.strip().startswith(str(ROOT))
