@@ -29,4 +29,4 @@ def test_a_process_started_in_the_checkout_imports_the_third_party_kernels_packa
             "print(spec and spec.origin); import transformers.integrations.hub_kernels")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not result.stdout.strip().startswith(str(ROOT))
+    assert Path(result.stdout.strip()).parent != ROOT / "kernels"  # (a venv may live inside the checkout)
