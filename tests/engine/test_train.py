@@ -95,6 +95,39 @@ def test_short_run_learns_well_above_chance_and_exports_a_scorer(tmp_path):
     assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
 
 
+def test_binary_discrimination_learns_which_label_fits_the_response(tmp_path):
+    """The label must flip the score's sign depending on the text before it (an interaction);
+    one token carries the quality here, so a tiny model learns it in seconds. Training mixes
+    comparison rows (binarized) with responses that carry their own label."""
+    import random
+
+    rng = random.Random(0)
+    good, bad = [" yes", " sure", " ok"], [" no", " never", " nope"]
+
+    def write(path, n, labelled):
+        lines = []
+        for i in range(n):
+            prompt = f"Q{rng.randrange(1000)}:"
+            if labelled and i % 2:
+                is_good = rng.random() < 0.5
+                row = {"prompt": prompt, "response": rng.choice(good if is_good else bad), "label": is_good}
+            else:
+                row = {"prompt": prompt, "chosen": rng.choice(good), "rejected": rng.choice(bad)}
+            lines.append(json.dumps(row) + "\n")
+        path.write_text("".join(lines))
+        return str(path)
+
+    summary = train(from_dict({
+        "model": {"backbone": "gpt2", "preset": "tiny"},
+        "data": {"train": [write(tmp_path / "train.jsonl", 400, True)],
+                 "eval": [write(tmp_path / "eval.jsonl", 100, False)], "max_length": 32, "batch_groups": 16},
+        "objective": {"name": "binary"},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 150, "warmup_steps": 10, "lr": 1e-3,
+                  "progress": False},
+    }))
+    assert summary["eval_pairs"] == 100 and summary["eval_accuracy"] > 0.9
+
+
 def test_a_rank_with_no_evaluation_groups_keeps_in_step_with_a_filler_batch(tmp_path):
     """With more ranks than evaluation groups, an empty rank still runs the forward passes
     the others run (ZeRO-3 gathers parameters inside them) and contributes nothing."""
