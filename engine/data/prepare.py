@@ -195,7 +195,7 @@ def _manifest(inputs, tok, shards, tally: _Tally, skipped, **options) -> dict:
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="JSON Lines or Parquet comparison files")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="JSON Lines (.jsonl, .jsonl.gz) or Parquet comparison files")
     parser.add_argument("--out", required=True, help="the prepared folder to write")
     parser.add_argument("--tokenizer", default="bytes",
                         help="'bytes', 'bpe:<vocab size>' (trained on the inputs) or a local tokenizer folder")

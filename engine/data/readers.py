@@ -1,4 +1,4 @@
-"""Read comparison files (JSON Lines or Parquet) as ComparisonGroups, streaming.
+"""Read comparison files (JSON Lines, gzipped or not, or Parquet) as ComparisonGroups, streaming.
 
     for group in read_groups(["hh_train.jsonl", "ranked.parquet"], skip_bad=True, skipped=bad):
         ...
@@ -14,6 +14,7 @@ A labelled response (prompt/response/label) is a bad row here unless the caller 
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -42,7 +43,8 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[Where, object]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Where, object]]:
-    with open(path, "rb") as f:
+    opener = gzip.open if path.suffix.lower() == ".gz" else open  # HH-RLHF ships as train.jsonl.gz
+    with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = Where(str(path), lineno)
             try:

@@ -78,6 +78,17 @@ def test_parquet_rows(tmp_path):
     assert [g.id for g in groups] == ["pairs:0", "pairs:1"] and groups[1].responses == ["b", "d"]
 
 
+def test_gzipped_json_lines_read_like_plain_ones_and_errors_name_the_line(tmp_path):
+    import gzip
+
+    rows = [{"prompt": "P", "chosen": "a", "rejected": "b"}, {"prompt": "P", "chosen": "a"}]
+    path = tmp_path / "train.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert [g.responses for g in read_groups([path], skip_bad=True, skipped=[])] == [["a", "b"]]
+    with pytest.raises(DataError, match=r"train.jsonl.gz:2: field 'rejected': missing"):
+        list(read_groups([path]))
+
+
 def test_blank_lines_hold_no_row(tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "P", "chosen": "a", "rejected": "b"}, "", "  "])
     assert len(list(read_groups([f]))) == 1
