@@ -3,8 +3,10 @@
 One module-scoped sweep trains the same tiny run (same prepared data, 8 groups per global
 step, 6 steps) in five layouts:
   - local_1x2: one local process, gradient accumulation 2 (LocalStrategy, no DeepSpeed);
-  - zero{0,1,2,3}: two Ray workers, accumulation 1, DeepSpeed ZeRO stage 0..3
-    (one TorchTrainer worker group runs the four one after another).
+  - zero{0,1,2,3}: two Ray workers, accumulation 1, DeepSpeed ZeRO stage 0..3;
+  - zero2_offload, zero3_offload_ckpt: the same with the optimizer offloaded to the CPU,
+    and with activation checkpointing too
+    (one TorchTrainer worker group runs the six one after another).
 
 Tolerances. Every group has two responses (one pair) and every micro-batch 4 groups, so
 every layout's gradient is the mean over the same 8 pairs of a step, and the logged loss
@@ -37,6 +39,8 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_losses.json")
 LOSS_TOL = dict(rel=1e-3, abs=1e-5)
 WEIGHT_ATOL = 1e-4
 STAGES = (0, 1, 2, 3)
+EXTRAS = {"zero2_offload": {"zero_stage": 2, "offload_optimizer": True},
+          "zero3_offload_ckpt": {"zero_stage": 3, "offload_optimizer": True, "activation_checkpointing": True}}
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +60,11 @@ def layouts(tmp_path_factory, ray_module):
     local = train(tiny_config(root / "local_1x2", grad_accum=2, cluster={"workers": 1}))
     data = {"train": [str(root / "local_1x2" / "data" / "train")],  # the very same shards for every layout
             "eval": [str(root / "local_1x2" / "data" / "eval")]}
-    summaries = train_many_on_ray([tiny_config(root / f"zero{s}", data=data, cluster={"zero_stage": s})
-                                   for s in STAGES])
-    return {"root": root, "data": data, "local": local, **{f"zero{s}": summaries[s] for s in STAGES}}
+    runs = {f"zero{s}": {"zero_stage": s} for s in STAGES}
+    runs.update(EXTRAS)
+    summaries = train_many_on_ray([tiny_config(root / name, data=data, cluster=cluster)
+                                   for name, cluster in runs.items()])
+    return {"root": root, "data": data, "local": local, **dict(zip(runs, summaries))}
 
 
 def losses(out_dir) -> list[float]:
@@ -90,6 +96,15 @@ def test_zero_stages_give_the_same_step_one_loss_and_the_same_weights(layouts):
         for name, value in weights.items():
             torch.testing.assert_close(value, weights0[name], rtol=0, atol=WEIGHT_ATOL, msg=f"ZeRO-{stage} {name}")
         assert layouts[f"zero{stage}"]["eval_loss"] == pytest.approx(layouts["zero0"]["eval_loss"], **LOSS_TOL)
+
+
+@pytest.mark.parametrize("name", EXTRAS)
+def test_optimizer_offload_and_activation_checkpointing_train_the_same_run(layouts, name):
+    root = layouts["root"]
+    assert losses(root / name) == pytest.approx(losses(root / "zero0"), **LOSS_TOL)
+    weights0 = exported_weights(root / "zero0")
+    for key, value in exported_weights(root / name).items():
+        torch.testing.assert_close(value, weights0[key], rtol=0, atol=WEIGHT_ATOL, msg=f"{name} {key}")
 
 
 def test_two_workers_match_one_worker_with_accumulation_two(layouts):
