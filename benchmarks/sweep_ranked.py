@@ -12,6 +12,7 @@
    end): what users pay per step at this size.
 """
 import importlib.util
+import inspect
 import itertools
 import os
 import sys
@@ -69,21 +70,24 @@ def _empty(x_ptr):
 def breakdown(mod, name):
     xd = x.detach()
     go = torch.ones((), device=DEV)
+    params = PARAMS if hasattr(mod, "_tiling") else mod.RankedLossParams()
+    # optional tensors (margin, [levels,] weights) between offsets and params: None for each
+    n_optional = len(inspect.signature(mod._launch_forward).parameters) - 5
+
+    def forward(grad):
+        return mod._launch_forward(xd, ranks, offsets, *[None] * n_optional, params, grad)
+
     if hasattr(mod, "_tiling"):  # this version
-        loss, stats, graw = mod._launch_forward(xd, ranks, offsets, None, None, PARAMS, True)
+        loss, stats, graw = forward(True)
         bwd = lambda: mod._launch_backward(graw, stats, go, torch.float32)  # noqa: E731
     else:  # the previous version: graw + per-group factor, grouped backward
-        p = mod.RankedLossParams()
-        loss, stats, graw, factor = mod._launch_forward(xd, ranks, offsets, None, None, p, True)
+        loss, stats, graw, factor = forward(True)
         bwd = lambda: mod._launch_backward(graw, factor, offsets, stats, go, torch.float32)  # noqa: E731
-    params = PARAMS if hasattr(mod, "_tiling") else mod.RankedLossParams()
     rows = {
         "fwd+bwd step": graph_us(step_of(mod)),
         "fwd+bwd step, int32 ranks": graph_us(step_of(mod, ranks32)),
-        "forward launch (with grad)": graph_us(
-            lambda: mod._launch_forward(xd, ranks, offsets, None, None, params, True)),
-        "forward launch (no grad)": graph_us(
-            lambda: mod._launch_forward(xd, ranks, offsets, None, None, params, False)),
+        "forward launch (with grad)": graph_us(lambda: forward(True)),
+        "forward launch (no grad)": graph_us(lambda: forward(False)),
         "backward launch": graph_us(bwd),
         "grad seed fill (autograd)": graph_us(lambda: torch.ones_like(loss)),
         "empty launch": graph_us(lambda: _empty[(1,)](xd)),

@@ -6,20 +6,25 @@ Layout of a batch (flat, one row per response)::
     ranks         (S,)   int     lower is better; equal ranks are ties (no pair)
     group_offsets (G+1,) int64   group g is scores[off[g]:off[g+1]]; any size >= 0
     margin        None | float | (G,) float    margin m_g of every pair of group g
+    margin_levels None | (S,) float            per-response levels u: pair (b, w) adds u_b - u_w
     weights       None | (G,) float            weight w_g of group g
 
 Pairs of group g (b = better, w = worse, rank_b < rank_w):
     pairs="all":      every ordered pair with rank_b < rank_w            (K(K-1)/2 without ties)
     pairs="adjacent": rank_w is the next distinct rank level after rank_b  (K-1 without ties)
 
-Loss (n_g = number of pairs of group g, l_bw = softplus(r_w - r_b + m_g)):
+Per-pair margins are given as level differences, m_bw = m_g + u_b - u_w: the margin
+from the gap between two ratings (Llama 2's), and with K = 2 any margin per pair, with no
+(G, K, K) margin tensor to build. Margins and levels are constants (no gradient).
+
+Loss (n_g = number of pairs of group g, l_bw = softplus(r_w - r_b + m_bw)):
     reduction="pairs":  L = sum_g w_g sum_(b,w) l_bw / sum_g w_g n_g          (mean over all pairs)
     reduction="groups": L = sum_{g: n_g>0} w_g mean_(b,w) l_bw / sum_{g: n_g>0} w_g
 A batch without pairs (or with zero total weight) has L = 0 and a zero gradient.
 
 Gradient (sigma = logistic sigmoid, c_g = w_g / D with D the denominator above,
 and for "groups" additionally divided by n_g):
-    dL/dr_b = -c_g sigma(r_w - r_b + m_g)   and   dL/dr_w = +c_g sigma(r_w - r_b + m_g)
+    dL/dr_b = -c_g sigma(r_w - r_b + m_bw)   and   dL/dr_w = +c_g sigma(r_w - r_b + m_bw)
 summed over every pair the response belongs to.
 
 By-products (unweighted, over all pairs of the batch, no host sync):
@@ -99,6 +104,7 @@ def ranked_preference_loss_reference(
     margin: Union[None, float, torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
     *,
+    margin_levels: Optional[torch.Tensor] = None,
     pairs: str = "all",
     reduction: str = "pairs",
     impl: str = "torch",
@@ -110,7 +116,7 @@ def ranked_preference_loss_reference(
     (float64 stays float64). Reads Kmax on the host (one sync).
     """
     params = RankedLossParams(pairs, reduction, float(margin) if _is_number(margin) else 0.0)
-    _check_inputs(scores, ranks, group_offsets, margin, weights)
+    _check_inputs(scores, ranks, group_offsets, margin, weights, margin_levels)
     cdt = torch.float64 if scores.dtype == torch.float64 else torch.float32
     dev = scores.device
     offsets = group_offsets.to(device=dev, dtype=torch.long)
@@ -142,6 +148,9 @@ def ranked_preference_loss_reference(
         m = torch.full((G, 1, 1), float(margin), dtype=cdt, device=dev)
     else:
         m = margin.to(cdt).reshape(G, 1, 1)
+    if margin_levels is not None and scores.numel() > 0:
+        u = torch.where(valid, margin_levels.to(cdt)[idx], 0.0)
+        m = m + u[:, :, None] - u[:, None, :]  # (G, K, K): + u_i - u_j where i is better than j
     w = torch.ones(G, dtype=cdt, device=dev) if weights is None else weights.to(cdt)
     z = r[:, None, :] - r[:, :, None] + m  # (G, K, K): r_j - r_i + m
     maskf = mask.to(cdt)
@@ -258,14 +267,14 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["G", "num_programs"])  # no recompiles as G changes
     def _ranked_loss_fwd_kernel(
-        scores_ptr, ranks_ptr, offsets_ptr, margin_ptr, weight_ptr,
+        scores_ptr, ranks_ptr, offsets_ptr, margin_ptr, levels_ptr, weight_ptr,
         grad_ptr,      # (S,) fp32 out: D * dL/dr, D the loss denominator (divided out in backward)
         partial_ptr,   # (8, num_programs) fp32 scratch: per-program sums
         ticket_ptr,    # (1,) int32, zero on entry, reset to zero by the last program
         loss_ptr,      # () fp32 out
         stats_ptr,     # (4,) fp32 out: pair_count, accuracy, mean_gap, 1/D
         G, margin_value, num_programs,
-        HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, ADJACENT: tl.constexpr,
+        HAS_MARGIN: tl.constexpr, HAS_LEVELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ADJACENT: tl.constexpr,
         GROUP_MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
         GROUPS_PER_PROG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
@@ -326,7 +335,9 @@ if triton is not None:
                 c = 1.0
 
             for i0 in range(0, kmax, BLOCK_K):
-                ri, qi, imask, _ = _load_rows(scores_ptr, ranks_ptr, start, size, gmask, i0 + ki)
+                ri, qi, imask, iptr = _load_rows(scores_ptr, ranks_ptr, start, size, gmask, i0 + ki)
+                if HAS_LEVELS:  # r_i - u_i: the margin u_b - u_w joins the score difference
+                    ri_u = ri - tl.load(levels_ptr + iptr, mask=imask, other=0.0).to(tl.float32)
                 if ADJACENT:
                     nxt, prv = _rank_levels_around(qi, ranks_ptr, start, size, gmask, kmax, BLOCK_K)
                 else:
@@ -336,7 +347,11 @@ if triton is not None:
                                                      j0 + kj)
                     s = _pair_sign(qi, qj, imask, jmask, nxt, prv, ADJACENT)  # (GB, BK, BK)
                     sd = s * (rj - ri)  # r_w - r_b on pairs, 0 elsewhere
-                    z = sd + m
+                    if HAS_LEVELS:  # r_w - r_b + u_b - u_w, still symmetric in (i, j)
+                        uj = tl.load(levels_ptr + jptr, mask=jmask, other=0.0).to(tl.float32)
+                        z = s * ((rj - uj) - ri_u) + m
+                    else:
+                        z = sd + m
                     softplus, sigmoid = _softplus_sigmoid(z)
                     a = tl.abs(s)
                     acc_loss += tl.sum((c * a) * softplus, axis=1, keep_dims=True)
@@ -448,7 +463,7 @@ def _scratch(device: torch.device, num_programs: int):
     return s
 
 
-def _launch_forward(scores, ranks, offsets, margin, weights, params, compute_grad):
+def _launch_forward(scores, ranks, offsets, margin, levels, weights, params, compute_grad):
     S, G = scores.numel(), offsets.numel() - 1
     dev = scores.device
     gpp, bk = _tiling(S, G)
@@ -460,10 +475,11 @@ def _launch_forward(scores, ranks, offsets, margin, weights, params, compute_gra
     has_margin = margin is not None
     _ranked_loss_fwd_kernel[(num_programs,)](
         scores, ranks, offsets,
-        margin if has_margin else scores, weights if weights is not None else scores,
+        margin if has_margin else scores, levels if levels is not None else scores,
+        weights if weights is not None else scores,
         graw, partial, ticket, loss, stats,
         G, params.margin_value, num_programs,
-        HAS_MARGIN=has_margin, HAS_WEIGHT=weights is not None,
+        HAS_MARGIN=has_margin, HAS_LEVELS=levels is not None, HAS_WEIGHT=weights is not None,
         ADJACENT=params.pairs == "adjacent", GROUP_MEAN=params.reduction == "groups",
         COMPUTE_GRAD=compute_grad,
         GROUPS_PER_PROG=gpp, BLOCK_K=bk, BLOCK_P=BLOCK_P, num_warps=NUM_WARPS,
@@ -481,10 +497,10 @@ def _launch_backward(graw, stats, grad_output, dtype):
 
 class _RankedLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scores, ranks, offsets, margin, weights, params):
+    def forward(ctx, scores, ranks, offsets, margin, levels, weights, params):
         compute_grad = ctx.needs_input_grad[0]
         loss, stats, graw = _launch_forward(
-            scores, ranks, offsets, margin, weights, params, compute_grad)
+            scores, ranks, offsets, margin, levels, weights, params, compute_grad)
         ctx.mark_non_differentiable(stats)
         ctx.save_for_backward(graw, stats)
         ctx.score_dtype = scores.dtype
@@ -494,7 +510,7 @@ class _RankedLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats):
         graw, stats = ctx.saved_tensors
         grad = _launch_backward(graw, stats, grad_loss, ctx.score_dtype)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- API
@@ -507,6 +523,7 @@ def ranked_preference_loss(
     margin: Union[None, float, torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
     *,
+    margin_levels: Optional[torch.Tensor] = None,
     pairs: str = "all",
     reduction: str = "pairs",
     impl: str = "auto",
@@ -519,6 +536,8 @@ def ranked_preference_loss(
         group_offsets: (G+1,) int64, non-decreasing, off[0] = 0, off[G] = S.
         margin: None, a float, or (G,) per-group margin added inside the softplus.
         weights: None or (G,) per-group weights.
+        margin_levels: None or (S,) per-response levels u; pair (b, w) adds u_b - u_w to
+            its margin (per-pair margins; with K = 2, any margin per pair).
         pairs: "all" ordered pairs, or "adjacent" rank levels.
         reduction: "pairs" (mean over all pairs) or "groups" (mean of per-group means).
         impl: "triton", "torch" (reference) or "auto" (Triton on CUDA, torch elsewhere).
@@ -534,15 +553,17 @@ def ranked_preference_loss(
         impl = "triton" if (scores.is_cuda and triton is not None) else "torch"
     if impl == "torch":
         return ranked_preference_loss_reference(
-            scores, ranks, group_offsets, margin, weights, pairs=pairs, reduction=reduction)
+            scores, ranks, group_offsets, margin, weights, margin_levels=margin_levels, pairs=pairs,
+            reduction=reduction)
     if triton is None:
         raise RuntimeError("impl='triton' needs the triton package")
-    _check_inputs(scores, ranks, group_offsets, margin, weights)
+    _check_inputs(scores, ranks, group_offsets, margin, weights, margin_levels)
     tensor_margin = margin if isinstance(margin, torch.Tensor) else None
     params = _params(pairs, reduction, 0.0 if margin is None or tensor_margin is not None
                      else float(margin))
     args = (scores.contiguous(), ranks.contiguous(), group_offsets.contiguous(),
             None if tensor_margin is None else tensor_margin.contiguous(),
+            None if margin_levels is None else margin_levels.contiguous(),
             None if weights is None else weights.contiguous(), params)
     if scores.requires_grad and torch.is_grad_enabled():
         loss, stats = _RankedLossFunction.apply(*args)
@@ -562,7 +583,7 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _check_inputs(scores, ranks, offsets, margin, weights):
+def _check_inputs(scores, ranks, offsets, margin, weights, levels=None):
     # Shape and dtype checks only: value checks would need a host sync.
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D (S,), got shape {tuple(scores.shape)}")
@@ -583,3 +604,6 @@ def _check_inputs(scores, ranks, offsets, margin, weights):
         raise ValueError(f"margin must be None, a float or a tensor, got {type(margin).__name__}")
     if weights is not None and weights.shape != (G,):
         raise ValueError(f"weights must be None or shape ({G},), got {tuple(weights.shape)}")
+    if levels is not None and (levels.shape != scores.shape or not levels.is_floating_point()):
+        raise ValueError(f"margin_levels must be None or a float tensor shaped like scores "
+                         f"{tuple(scores.shape)}, got {levels.dtype} {tuple(levels.shape)}")

@@ -46,6 +46,43 @@ def run(scores, ranks, offsets, margin, weights, impl, dtype, grad_out=1.0, **kw
     return out, x.grad
 
 
+def brute_force(scores, ranks, offsets, margin=None, weights=None, levels=None, pairs="all", reduction="pairs"):
+    """The loss written out pair by pair, group by group: the oracle for the reference."""
+    num, den = 0.0, 0.0
+    for g in range(len(offsets) - 1):
+        lo, hi = int(offsets[g]), int(offsets[g + 1])
+        r, q = [float(x) for x in scores[lo:hi]], [int(x) for x in ranks[lo:hi]]
+        u = [float(x) for x in levels[lo:hi]] if levels is not None else [0.0] * len(r)
+        m = 0.0 if margin is None else float(margin) if isinstance(margin, float) else float(margin[g])
+        w = 1.0 if weights is None else float(weights[g])
+        levels_above = sorted(set(q))
+        losses = []
+        for b in range(len(r)):
+            for v in range(len(r)):
+                if q[b] >= q[v]:
+                    continue
+                if pairs == "adjacent" and levels_above.index(q[v]) != levels_above.index(q[b]) + 1:
+                    continue
+                losses.append(sp(r[v] - r[b] + m + u[b] - u[v]))
+        if reduction == "pairs":
+            num, den = num + w * sum(losses), den + w * len(losses)
+        elif losses:
+            num, den = num + w * sum(losses) / len(losses), den + w
+    return num / den if den else 0.0
+
+
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("reduction", ["pairs", "groups"])
+def test_reference_matches_a_pair_by_pair_loop(pairs, reduction):
+    scores, ranks, offsets, margin, weights = make_batch(17, kmax=7, n_levels=3, device="cpu")
+    levels = torch.randn(scores.shape, dtype=torch.float64)
+    for m, w, u in ((None, None, None), (margin, weights, None), (0.3, None, levels), (margin, weights, levels)):
+        out = ranked_preference_loss_reference(scores, ranks, offsets, m, w, margin_levels=u, pairs=pairs,
+                                               reduction=reduction)
+        expected = brute_force(scores, ranks, offsets, m, w, u, pairs, reduction)
+        assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+
+
 def tolerance(dtype):
     return {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
 
@@ -74,6 +111,43 @@ def test_matches_float64_ground_truth(impl, dtype, pairs, reduction, extras):
     assert out.pair_count.item() == ref.pair_count.item()
     torch.testing.assert_close(out.accuracy.double(), ref.accuracy, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.mean_gap.double(), ref.mean_gap, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("reduction", ["pairs", "groups"])
+def test_per_pair_margins_from_levels_match_float64_ground_truth(impl, dtype, pairs, reduction):
+    scores, ranks, offsets, margin, weights = make_batch(23)
+    levels = torch.randn(scores.shape, dtype=torch.float64, device=DEVICE)
+    scores = scores.to(dtype).to(torch.float64)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    ref, ref_grad = run(scores, ranks, offsets, margin, weights, "torch", torch.float64, grad_out=1.3,
+                        margin_levels=levels, pairs=pairs, reduction=reduction)
+    out, grad = run(scores, ranks, offsets, margin, weights, impl, dtype, grad_out=1.3,
+                    margin_levels=levels.to(cdt), pairs=pairs, reduction=reduction)
+    tol = tolerance(dtype)
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=tol, atol=tol)
+    # metrics judge the scores alone, margins aside
+    plain = ranked_preference_loss_reference(scores, ranks, offsets, pairs=pairs)
+    assert out.accuracy.item() == pytest.approx(plain.accuracy.item(), abs=1e-6)
+    torch.testing.assert_close(out.mean_gap.double(), plain.mean_gap.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hand_computed_per_pair_margin(impl):
+    """scores [3, 2, 0], ranks [0, 1, 2], levels u = [2, 1, 0] (ratings): pair margins
+    u_b - u_w are 1 for (0,1) and (1,2) and 2 for (0,2):
+    (softplus(2 - 3 + 1) + softplus(0 - 2 + 1) + softplus(0 - 3 + 2)) / 3
+    = (0.693147 + 0.313262 + 0.313262) / 3 = 0.439890."""
+    scores = torch.tensor([3.0, 2.0, 0.0], device=DEVICE)
+    ranks = torch.tensor([0, 1, 2], device=DEVICE)
+    offsets = torch.tensor([0, 3], device=DEVICE)
+    levels = torch.tensor([2.0, 1.0, 0.0], device=DEVICE)
+    out, _ = run(scores, ranks, offsets, None, None, impl, torch.float32, margin_levels=levels)
+    assert out.loss.item() == pytest.approx((sp(0) + 2 * sp(-1)) / 3, rel=1e-6)
+    assert out.accuracy.item() == 1.0 and out.mean_gap.item() == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -287,6 +361,8 @@ def test_bad_arguments_name_the_value():
         ranked_preference_loss(s, r, o, margin=torch.zeros(2))
     with pytest.raises(ValueError, match="ranks"):
         ranked_preference_loss(s, r.float(), o)
+    with pytest.raises(ValueError, match=r"margin_levels must be .* shaped like scores \(3,\)"):
+        ranked_preference_loss(s, r, o, margin_levels=torch.zeros(2))
 
 
 def test_reference_is_the_cpu_path():
