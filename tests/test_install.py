@@ -1,6 +1,7 @@
 """A non-editable install works from outside the checkout: the three packages and the CLI.
 A process started in the checkout still imports third-party packages named like its folders."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,12 @@ ROOT = Path(__file__).parents[1]
 
 
 def test_installed_copy_imports_from_outside_the_checkout(tmp_path):
-    target = tmp_path / "site"
+    # built from a copy of the sources: setuptools' build/ would otherwise land in (and go stale in) the checkout
+    source, target = tmp_path / "src", tmp_path / "site"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, timeout=300)
+                    "--target", str(target), str(source)], check=True, timeout=300)
     code = ("import rankpm.engine.train, rankpm.engine.data.stream, rankpm.kernels.ranked_loss, "
             "rankpm.cluster.launch, rankpm.engine.cli as cli; "
             "print(rankpm.engine.train.__file__); cli.main(['--help'])")
