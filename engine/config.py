@@ -87,6 +87,9 @@ class ObjectiveConfig:
     pairs: Literal["all", "adjacent"] = "all"  # for binary: the ranked pairs that are binarized
     reduction: Literal["pairs", "groups"] = "pairs"
     kernel: Literal["auto", "triton", "torch"] = "auto"
+    # Per-pair margins from the data's per-response ratings: pair (b, w) of a group with
+    # ratings adds rating_margin * (rating_b - rating_w) to its margin (0: ratings unused).
+    rating_margin: float = 0.0
     # PM + LM: pm_weight * L_PM + lm_weight * L_LM, the LM term over the whole preferred
     # sample (context and response). Keeps the backbone's LM head.
     lm_loss: bool = False
@@ -179,7 +182,7 @@ class RunConfig:
         if self.objective.name == "imitation" and self.objective.lm_loss:
             raise ConfigError("objective.lm_loss: got True, but objective.name='imitation' is already "
                               "a language-model loss; use name=ranked or binary for PM + LM")
-        for key in ("pm_weight", "lm_weight"):
+        for key in ("pm_weight", "lm_weight", "rating_margin"):
             if getattr(self.objective, key) < 0:
                 raise ConfigError(f"objective.{key}: got {getattr(self.objective, key)!r}, expected >= 0")
         if self.stages:

@@ -1,6 +1,8 @@
 """Training objectives: model output + batch -> loss and the metrics the trainer logs.
 
-    ranked     L_PM = mean over ranked pairs of softplus(r_worse - r_better + margin)
+    ranked     L_PM = mean over ranked pairs of softplus(r_worse - r_better + margin), the
+               margin per group from the data, plus rating_margin * (rating_b - rating_w)
+               per pair when the config sets it and the data has ratings
     binary     L_PM on label pairs (the data is binarized before tokenization; see
                rankpm.engine.data.transforms) - the loss is the ranked one with K = 2
     imitation  L_IL = -sum of log p(token) over the preferred response's tokens, averaged
@@ -82,8 +84,9 @@ class RankedObjective:
         return {"lm_targets": lm_targets(batch, response_only=False)} if self.cfg.lm_loss else {}
 
     def __call__(self, output: ModelOutput, batch: Batch) -> ObjectiveOutput:
+        levels = batch.ratings * self.cfg.rating_margin if self.cfg.rating_margin else None
         result = ranked_preference_loss(
-            output.scores, batch.ranks, batch.group_offsets, margin=batch.margin,
+            output.scores, batch.ranks, batch.group_offsets, margin=batch.margin, margin_levels=levels,
             pairs=self.cfg.pairs, reduction=self.cfg.reduction, impl=self.cfg.kernel)
         pairs = result.pair_count.float()
         sums = {

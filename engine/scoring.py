@@ -62,7 +62,7 @@ class RewardScorer:
         room = self.max_length - 1 - max(len(r) for r in resp)
         resp = [r[-(self.max_length - 1):] for r in resp]
         ctx = ctx[len(ctx) - max(room, 0):] if room < len(ctx) else ctx
-        row = {"id": "", "source": "", "turns": 1, "margin": None, "ranks": list(range(len(resp))),
+        row = {"id": "", "source": "", "turns": 1, "margin": None, "ratings": None, "ranks": list(range(len(resp))),
                "context_ids": ctx, "response_ids": resp}
         batch = collate([row], pad_id=self.tokenizer.pad_id, eoc_id=self.tokenizer.eoc_id).to(self.device)
         return self.model(batch.input_ids, batch.attention_mask, batch.score_index).scores.tolist()

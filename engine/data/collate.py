@@ -12,10 +12,10 @@ from rankpm.engine.data.schema import Batch
 
 
 def collate(rows: list[dict], pad_id: int, eoc_id: int) -> Batch:
-    """Rows with keys of SHARD_SCHEMA (id, source, turns, margin, ranks, context_ids, response_ids)."""
+    """Rows with keys of SHARD_SCHEMA (id, source, turns, margin, ratings, ranks, context_ids, response_ids)."""
     if not rows:
         raise ValueError("collate: no rows")
-    sequences, spans, ranks, offsets = [], [], [], [0]
+    sequences, spans, ranks, offsets, ratings = [], [], [], [0], []
     for row in rows:
         context = list(row["context_ids"])
         if len(row["response_ids"]) != len(row["ranks"]):
@@ -25,6 +25,7 @@ def collate(rows: list[dict], pad_id: int, eoc_id: int) -> Batch:
             sequences.append(context + list(response) + [eoc_id])
             spans.append((len(context), len(context) + len(response)))
             ranks.append(rank)
+        ratings.extend(row.get("ratings") or [0.0] * len(row["ranks"]))
         offsets.append(len(sequences))
     S, T = len(sequences), max(len(s) for s in sequences)
     input_ids = torch.full((S, T), pad_id, dtype=torch.int64)  # (S, T)
@@ -42,6 +43,7 @@ def collate(rows: list[dict], pad_id: int, eoc_id: int) -> Batch:
         group_offsets=torch.tensor(offsets, dtype=torch.int64),  # (G + 1,)
         ranks=torch.tensor(ranks, dtype=torch.int64),
         margin=torch.tensor([0.0 if r.get("margin") is None else r["margin"] for r in rows], dtype=torch.float32),
+        ratings=torch.tensor(ratings, dtype=torch.float32),
         turns=torch.tensor([int(r.get("turns") or 1) for r in rows], dtype=torch.int64),
         ids=[r.get("id", "") for r in rows],
         sources=[r.get("source", "") for r in rows],

@@ -3,7 +3,10 @@
 The format is detected from the row's fields:
 
     ranked      responses, ranks            context in ``prompt`` (or ``context``); optional
-                                            margin, source, id, turns
+                                            margin, source, id, turns, and ``ratings`` (one
+                                            number per response, higher is better: per-pair
+                                            margins from their gaps; with ratings, ``ranks``
+                                            may be left out and follow from them)
     pairwise    prompt, chosen, rejected    strings, or message lists (below)
     messages    chosen, rejected            lists of {role, content}: whole conversations that
                                             agree up to the final assistant message
@@ -40,8 +43,9 @@ def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup 
     """(format name, group) for one row; DataError on anything unusable."""
     if not isinstance(row, dict):
         raise DataError(where, "<row>", f"expected a JSON object, got {type(row).__name__}")
+    ratings = None
     if "responses" in row or "ranks" in row:
-        fmt, context, responses, ranks = "ranked", *_ranked(row, where)
+        fmt, context, responses, ranks, ratings = "ranked", *_ranked(row, where)
     elif "chosen" in row or "rejected" in row:
         chosen, rejected = _require(row, "chosen", where), _require(row, "rejected", where)
         if "prompt" in row:
@@ -92,7 +96,8 @@ def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup 
         return fmt, LabelledResponse(id=str(group_id), context=context, response=responses[0], good=good,
                                      source=source, turns=turns)
     group = ComparisonGroup(id=str(group_id), context=context, responses=responses, ranks=ranks,
-                            margin=None if margin is None else float(margin), source=source, turns=turns)
+                            margin=None if margin is None else float(margin), source=source, turns=turns,
+                            ratings=ratings)
     return fmt, group
 
 
@@ -124,12 +129,18 @@ def _label(value, where: Where) -> bool:
     raise DataError(where, "label", f"expected true/false, \"good\"/\"bad\" or 1/0, got {value!r}")
 
 
-def _ranked(row: dict, where: Where) -> tuple[str, list[str], list[int]]:
+def _ranked(row: dict, where: Where) -> tuple[str, list[str], list[int], list[float] | None]:
     name = "prompt" if "prompt" in row else "context"
     context = _context(_require(row, name, where), name, where)
-    responses, ranks = _require(row, "responses", where), _require(row, "ranks", where)
+    responses = _require(row, "responses", where)
     if not isinstance(responses, list):
         raise DataError(where, "responses", f"expected a list of strings, got {type(responses).__name__}")
+    ratings = _ratings(row.get("ratings"), len(responses), where)
+    if ratings is not None and row.get("ranks") is None:  # rank = how many distinct ratings are higher
+        levels = sorted(set(ratings), reverse=True)
+        ranks = [levels.index(r) for r in ratings]
+    else:
+        ranks = _require(row, "ranks", where)
     if not isinstance(ranks, list):
         raise DataError(where, "ranks", f"expected a list of integers, got {type(ranks).__name__}")
     for k, text in enumerate(responses):
@@ -142,7 +153,23 @@ def _ranked(row: dict, where: Where) -> tuple[str, list[str], list[int]]:
         raise DataError(where, "ranks", f"{len(ranks)} ranks for {len(responses)} responses")
     if len(set(ranks)) < 2:
         raise DataError(where, "ranks", f"fewer than two distinct ranks ({ranks}): the group forms no pair")
-    return context, list(responses), list(ranks)
+    if ratings is not None:
+        for i, j in ((i, j) for i in range(len(ranks)) for j in range(len(ranks))):
+            if ranks[i] < ranks[j] and ratings[i] < ratings[j]:
+                raise DataError(where, "ratings", f"response {i} ranks above response {j} but is rated "
+                                f"below it ({ratings[i]} < {ratings[j]}): its margin would be negative")
+    return context, list(responses), list(ranks), ratings
+
+
+def _ratings(value, count: int, where: Where) -> list[float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != count:
+        raise DataError(where, "ratings", f"expected a list of {count} numbers (one per response), got {value!r}")
+    for k, rating in enumerate(value):
+        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or rating != rating:
+            raise DataError(where, f"ratings[{k}]", f"expected a number, got {rating!r}")
+    return [float(r) for r in value]
 
 
 def _context(value, name: str, where: Where) -> str:

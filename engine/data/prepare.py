@@ -159,6 +159,7 @@ def _write_chunk(chunk, tok, writer, tally, skipped, *, max_length, truncation, 
             skipped.append(err.as_skipped())
             continue
         row = {"id": group.id, "source": group.source, "turns": group.turns, "margin": group.margin,
+               "ratings": group.ratings,
                "ranks": group.ranks, "context_ids": cut_context, "response_ids": cut_responses}
         writer.add(row)
         tally.add(where, fmt, group, row, (context, responses), truncated)

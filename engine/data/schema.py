@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-response ratings
 
 # Special tokens every rankpm tokenizer carries (added when a loaded tokenizer lacks them).
 END_OF_CONTEXT = "<|endofcontext|>"
@@ -28,6 +28,7 @@ class ComparisonGroup:
     margin: float | None = None
     source: str = ""
     turns: int = 1  # dialogue turns in the context (Human/Assistant exchanges)
+    ratings: list[float] | None = None  # higher is better; per-pair margins from their gaps
 
 
 @dataclass
@@ -51,6 +52,7 @@ SHARD_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("turns", pa.int32()),
         ("margin", pa.float32()),  # null when the input gave none
+        ("ratings", pa.list_(pa.float32())),  # null when the input gave none
         ("ranks", pa.list_(pa.int32())),
         ("context_ids", pa.list_(pa.int32())),
         ("response_ids", pa.list_(pa.list_(pa.int32()))),
@@ -75,6 +77,7 @@ class Batch:
     group_offsets: torch.Tensor  # (G + 1,) int64, sequences of group g: [off[g], off[g+1])
     ranks: torch.Tensor  # (S,) int64, lower is better
     margin: torch.Tensor  # (G,) float32, 0 where the input gave none
+    ratings: torch.Tensor  # (S,) float32, 0 where the input gave none
     turns: torch.Tensor  # (G,) int64
     ids: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)

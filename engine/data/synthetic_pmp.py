@@ -60,7 +60,7 @@ def generate_groups(kind: str, groups: int, seed: int, *, k_min: int = 2, k_max:
 
 
 def write_jsonl(groups, path: str | Path) -> Path:
-    """Ranked-list JSONL rows {id, context, responses, ranks, source, turns[, margin]}, atomically."""
+    """Ranked-list JSONL rows {id, context, responses, ranks, source, turns[, margin, ratings]}, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -70,6 +70,8 @@ def write_jsonl(groups, path: str | Path) -> Path:
                    "source": g.source, "turns": g.turns}
             if g.margin is not None:
                 row["margin"] = g.margin
+            if g.ratings is not None:
+                row["ratings"] = g.ratings
             f.write(json.dumps(row) + "\n")
     tmp.replace(path)
     return path

@@ -95,7 +95,8 @@ def label_expand(group: ComparisonGroup, labels: Labels = Labels()) -> Compariso
     for text, rank in zip(group.responses, group.ranks):
         responses += [text + labels.good, text + labels.bad]
         ranks += [rank, rank]
-    return replace(group, responses=responses, ranks=ranks)
+    ratings = None if group.ratings is None else [r for r in group.ratings for _ in range(2)]
+    return replace(group, responses=responses, ranks=ranks, ratings=ratings)
 
 
 TRANSFORMS = ("none", "binarize", "label_expand")

@@ -45,7 +45,7 @@ def test_prepare_writes_shards_manifest_and_tokenizer(tmp_path):
     manifest = prepare([src], tmp_path / "out", "bytes", max_length=16)
     manifest_file, rows = read_shards(tmp_path / "out")
     assert manifest == manifest_file
-    assert rows[0] == {"id": "g1", "source": "s1", "turns": 1, "margin": 1.5, "ranks": [0, 1, 1],
+    assert rows[0] == {"id": "g1", "source": "s1", "turns": 1, "margin": 1.5, "ratings": None, "ranks": [0, 1, 1],
                        "context_ids": [97, 98], "response_ids": [[99, 100, 101], [102], [103, 104]]}
     assert rows[1]["id"] == "in:2" and rows[1]["margin"] is None and rows[1]["response_ids"] == [[49], [50, 50]]
     assert manifest["schema_version"] == SCHEMA_VERSION and len(manifest["fingerprint"]) == 64
@@ -58,6 +58,14 @@ def test_prepare_writes_shards_manifest_and_tokenizer(tmp_path):
     assert manifest["tokenizer"] == load_tokenizer("bytes").identity()
     assert manifest["max_length"] == 16 and manifest["truncation"]["policy"] == "left"
     assert load_tokenizer(tmp_path / "out" / "tokenizer").identity() == manifest["tokenizer"]
+
+
+def test_ratings_reach_the_shards(tmp_path):
+    src = tmp_path / "rated.jsonl"
+    src.write_text(json.dumps({"prompt": "ab", "responses": ["c", "d", "e"], "ratings": [1, 8.5, 1]}) + "\n")
+    prepare([src], tmp_path / "out", "bytes", max_length=16)
+    _, rows = read_shards(tmp_path / "out")
+    assert (rows[0]["ranks"], rows[0]["ratings"]) == ([1, 0, 1], [1.0, 8.5, 1.0])
 
 
 def test_truncation_is_counted_or_an_error(tmp_path):

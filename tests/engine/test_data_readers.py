@@ -49,6 +49,16 @@ def test_ranked_lists_with_margin_source_and_id(tmp_path):
     assert (b.id, b.context, b.turns) == ("ranked:2", "C", 3)
 
 
+def test_ratings_give_per_pair_margins_and_the_ranks_when_none_are_given(tmp_path):
+    f = write_jsonl(tmp_path / "rated.jsonl", [
+        {"prompt": "P", "responses": ["a", "b", "c", "d"], "ratings": [7, 9.5, 7, 2]},  # UltraFeedback-style
+        {"prompt": "P", "responses": ["a", "b"], "ranks": [0, 1], "ratings": [3, 3]},  # a rating tie: margin 0
+    ])
+    a, b = read_groups([f])
+    assert (a.ranks, a.ratings) == ([1, 0, 1, 2], [7.0, 9.5, 7.0, 2.0])
+    assert (b.ranks, b.ratings) == ([0, 1], [3.0, 3.0])
+
+
 def test_message_lists_render_to_the_transcript_format(tmp_path):
     prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
               {"role": "user", "content": "Capital of France?"}]
@@ -117,6 +127,11 @@ BAD_ROWS = [  # (row, field named in the error, words of the reason)
     ({"text": "hello"}, "<row>", "unrecognised row"),
     ({"prompt": "P", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "expected a number"),
     ({"prompt": "P", "response": "a", "label": True}, "label", "objective.name=binary"),
+    ({"prompt": "P", "responses": ["a", "b"], "ratings": [1]}, "ratings", "expected a list of 2 numbers"),
+    ({"prompt": "P", "responses": ["a", "b"], "ratings": [1, "x"]}, "ratings[1]", "expected a number"),
+    ({"prompt": "P", "responses": ["a", "b"], "ratings": [2, 2]}, "ranks", "fewer than two distinct ranks"),
+    ({"prompt": "P", "responses": ["a", "b"], "ranks": [0, 1], "ratings": [1, 3]}, "ratings",
+     "margin would be negative"),
 ]
 
 

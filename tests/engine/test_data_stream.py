@@ -195,3 +195,6 @@ def test_collate_by_hand_with_pad_equal_to_eoc():
     assert batch.group_offsets.tolist() == [0, 2, 4] and batch.ranks.tolist() == [0, 1, 1, 0]
     assert batch.margin.tolist() == [0.0, 0.5] and batch.turns.tolist() == [2, 1]
     assert batch.ids == ["a", "b"] and batch.sources == ["s", "t"] and batch.num_tokens == 4 + 6 + 2 + 2
+    assert batch.ratings.tolist() == [0.0] * 4  # no ratings given: no rating margins
+    rows[1]["ratings"] = [1.5, 4.0]
+    assert collate(rows, pad_id=0, eoc_id=0).ratings.tolist() == [0.0, 0.0, 1.5, 4.0]

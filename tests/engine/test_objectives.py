@@ -24,7 +24,8 @@ def batch_of(input_ids, attention_mask, response_mask, ranks, offsets):
                  score_index=attention_mask.sum(1) - 1,
                  response_mask=torch.tensor(response_mask, dtype=torch.bool),
                  group_offsets=torch.tensor(offsets), ranks=torch.tensor(ranks),
-                 margin=torch.zeros(len(offsets) - 1), turns=torch.ones(len(offsets) - 1, dtype=torch.long))
+                 margin=torch.zeros(len(offsets) - 1), ratings=torch.zeros(len(ranks)),
+                 turns=torch.ones(len(offsets) - 1, dtype=torch.long))
 
 
 def two_responses():
@@ -48,6 +49,19 @@ def test_ranked_loss_is_the_mean_softplus_over_all_ranked_pairs():
     assert out.loss.item() == pytest.approx((2 * SP[-1] + SP[-2]) / 3, abs=1e-6)
     total, count = out.sums["pair_accuracy"]
     assert (total / count).item() == 1.0 and count.item() == 3
+
+
+def test_rating_margins_add_the_scaled_rating_gap_of_each_pair():
+    """Scores [2, 1, 0] ranked [0, 1, 2], ratings [5, 4, 2], rating_margin 0.5: pair margins
+    0.5 * (5-4, 5-2, 4-2) = 0.5, 1.5, 1, so r_w - r_b + m = -0.5, -0.5, 0.
+    L = (2 softplus(-0.5) + softplus(0)) / 3 = (2 * 0.474077 + 0.693147) / 3 = 0.547100.
+    Without rating_margin the ratings change nothing."""
+    batch = batch_of([[1]] * 3, [[1]] * 3, [[0]] * 3, ranks=[0, 1, 2], offsets=[0, 3])
+    batch.ratings = torch.tensor([5.0, 4.0, 2.0])
+    out = build_objective(ObjectiveConfig(rating_margin=0.5))(scores_only([2.0, 1.0, 0.0], batch), batch)
+    assert out.loss.item() == pytest.approx((2 * math.log1p(math.exp(-0.5)) + SP[0]) / 3, abs=1e-6)
+    plain = build_objective(ObjectiveConfig())(scores_only([2.0, 1.0, 0.0], batch), batch)
+    assert plain.loss.item() == pytest.approx((2 * SP[-1] + SP[-2]) / 3, abs=1e-6)
 
 
 def test_binary_loss_is_the_same_loss_on_label_pairs():

@@ -77,9 +77,9 @@ def test_binary_task_is_correct_over_wrong_in_the_same_context():
 
 
 def test_label_expansion_scores_every_response_with_both_labels():
-    g = label_expand(group([1, 0], responses=["x", "y"]))
+    g = label_expand(group([1, 0], responses=["x", "y"], ratings=[2.0, 7.0]))
     assert g.responses == ["x GOOD", "x BAD", "y GOOD", "y BAD"]
-    assert g.ranks == [1, 1, 0, 0]
+    assert g.ranks == [1, 1, 0, 0] and g.ratings == [2.0, 2.0, 7.0, 7.0]
 
 
 def test_labels_must_differ_and_transforms_must_be_known():

@@ -27,7 +27,8 @@ def batch(first_tokens, ranks, offsets, sources, turns):
     return Batch(input_ids=ids, attention_mask=torch.ones(S, 3, dtype=torch.long),
                  score_index=torch.full((S,), 2), response_mask=torch.tensor([[False, True, False]] * S),
                  group_offsets=torch.tensor(offsets), ranks=torch.tensor(ranks),
-                 margin=torch.zeros(len(offsets) - 1), turns=torch.tensor(turns), sources=sources)
+                 margin=torch.zeros(len(offsets) - 1), ratings=torch.zeros(S), turns=torch.tensor(turns),
+                 sources=sources)
 
 
 def test_accuracy_overall_by_source_and_by_turns():
