@@ -29,6 +29,7 @@ import ray
 from rankpm.cluster.progress import DriverProgress
 from rankpm.engine.checkpoint import latest_checkpoint
 from rankpm.engine.config import RunConfig
+from rankpm.engine.deepspeed_strategy import resize_refusal
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,17 @@ def preflight(cfg: RunConfig) -> None:
     if last is None:
         return
     written = json.loads((last / "trainer.json").read_text())["world_size"]
-    if written != cfg.cluster.workers:
-        raise ClusterRunError(
-            f"{last}: written by {written} data-parallel ranks, resuming with cluster.workers="
-            f"{cfg.cluster.workers}; each rank's reader position covers its own share of the shards, so "
-            f"a different world size would skip or repeat data. Resume with --workers {written}, or "
-            f"start a new run (a new train.out_dir) from the exported model.")
+    if written == cfg.cluster.workers:
+        return
+    reason = resize_refusal(last)
+    if reason is None and cfg.data.max_tokens is not None:
+        reason = ("token-budget batches (data.max_tokens) advance the ranks unevenly, so their reader positions "
+                  f"cannot be mapped to another number of ranks; resume with --workers {written}")
+    if reason:
+        raise ClusterRunError(f"{last}: written by {written} data-parallel ranks, resuming with cluster.workers="
+                              f"{cfg.cluster.workers}: {reason}")
+    log.info("resuming %s, written by %d ranks, with %d: every rank continues from the first group the old "
+             "ranks had not read (the log of rank 0 gives the position)", last, written, cfg.cluster.workers)
 
 
 def _failure_message(error: BaseException, progress, max_failures: int, out_dir: Path) -> str:

@@ -11,6 +11,11 @@ Layout (OUT_DIR/checkpoints/):
 Every rank writes into a hidden temporary folder; rank 0 renames it into place and only
 then points ``latest`` at it, so a crash while saving leaves the previous checkpoint as
 the latest usable one. The last ``keep_last`` checkpoints are kept.
+
+A checkpoint resumes with another number of ranks when the strategy can load its state
+that way (``strategy.resize_refusal``: DeepSpeed ZeRO-0 can) and the readers' positions
+map exactly (ComparisonStream.resume_from); a rank with no RNG state of its own starts
+its RNG from ``fresh_seed``.
 """
 from __future__ import annotations
 
@@ -75,22 +80,30 @@ def save_checkpoint(strategy, out_dir: str | Path, *, step: int, trainer_state: 
     return final
 
 
-def load_checkpoint(strategy, path: str | Path) -> tuple[dict, dict]:
-    """Restore strategy state and this rank's RNG; return (trainer_state, reader_state)."""
+def load_checkpoint(strategy, path: str | Path, *, fresh_seed: int = 0) -> tuple[dict, list[dict]]:
+    """Restore strategy state and this rank's RNG; return (trainer_state, the reader state
+    of every rank that wrote the checkpoint, in rank order)."""
     path = Path(path)
     meta = json.loads((path / "trainer.json").read_text())
     if meta.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {meta.get('version')}, "
                               f"this rankpm reads version {CHECKPOINT_VERSION}")
-    if meta["world_size"] != strategy.world_size:
-        raise CheckpointError(
-            f"{path}: written by {meta['world_size']} data-parallel ranks, resuming with "
-            f"{strategy.world_size}; each rank's reader position belongs to its own share of "
-            f"the data, so resume with {meta['world_size']} workers (or start a new run)")
+    written = meta["world_size"]
+    if written != strategy.world_size:
+        reason = strategy.resize_refusal(path)
+        if reason:
+            raise CheckpointError(f"{path}: written by {written} data-parallel ranks, resuming with "
+                                  f"{strategy.world_size}: {reason}")
     strategy.load(path)
-    reader_state = json.loads((path / f"reader_rank{strategy.rank}.json").read_text())
-    _set_rng_state(torch.load(path / f"rng_rank{strategy.rank}.pt", weights_only=False))
-    return meta, reader_state
+    readers = [json.loads((path / f"reader_rank{r}.json").read_text()) for r in range(written)]
+    rng = path / f"rng_rank{strategy.rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    else:  # a rank the checkpoint's layout did not have
+        random.seed(fresh_seed)
+        np.random.seed(fresh_seed % 2**32)
+        torch.manual_seed(fresh_seed)
+    return meta, readers
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -262,6 +262,9 @@ class DeepSpeedStrategy:
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False,
                                     client_state={"rankpm_world_size": self.world_size})
 
+    def resize_refusal(self, directory: Path) -> str | None:
+        return resize_refusal(directory)
+
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         if not (directory / CHECKPOINT_TAG).is_dir():
@@ -275,6 +278,26 @@ class DeepSpeedStrategy:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"{directory}/{CHECKPOINT_TAG}: DeepSpeed found no checkpoint to load")
+
+
+def resize_refusal(directory: Path) -> str | None:
+    """Why DeepSpeed ranks cannot load a checkpoint written by another number of ranks, or None.
+
+    ZeRO-0 keeps one full copy of the model and optimizer state, which any number of ranks
+    loads; ZeRO 1-3 partition the optimizer state by rank, and DeepSpeed does not repartition
+    it ("Automatic adjustment of ZeRO's optimizer state partitioning with a new world size is
+    not currently supported").
+    """
+    meta_file = Path(directory) / STATE_FILE
+    if not meta_file.is_file():
+        return ("written by one local process (no DeepSpeed state); resume it with --workers 1, or start a new "
+                "run from its exported model")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("zero_stage", 0) != 0:
+        return (f"ZeRO-{meta['zero_stage']} partitions the optimizer state across the {meta.get('world_size')} "
+                f"ranks that wrote it and DeepSpeed cannot repartition it; resume with --workers "
+                f"{meta.get('world_size')} (runs with cluster.zero_stage=0 can change their number of workers)")
+    return None
 
 
 def _cpu_fp32(state: dict) -> dict:

@@ -101,6 +101,11 @@ class LocalStrategy:
                     "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
                    directory / "training_state.pt")
 
+    def resize_refusal(self, directory: Path) -> str | None:
+        """Why this process cannot load a checkpoint written by another number of ranks."""
+        return ("one local process loads only the state one local process wrote, not DeepSpeed's; resume on "
+                "Ray with --workers 2 or more (cluster.zero_stage=0 allows another number of workers)")
+
     def load(self, directory: Path) -> None:
         path = directory / "training_state.pt"
         if not path.is_file():

@@ -107,14 +107,22 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
     model = strategy.setup(model, optimizer, scheduler)
 
     step, pairs_seen, tokens_seen = 0, 0, 0
+    resumed: dict = {}
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
-        trainer_state, reader_state = load_checkpoint(strategy, checkpoint)
-        stream.load_state_dict(reader_state)
+        trainer_state, readers = load_checkpoint(strategy, checkpoint,
+                                                 fresh_seed=cfg.train.seed + 7919 * strategy.rank)
         step, pairs_seen, tokens_seen = (trainer_state["step"], trainer_state["pairs_seen"],
                                          trainer_state["tokens_seen"])
+        resumed = {"checkpoint": str(checkpoint), "step": step, "ranks_before": len(readers)}
+        if len(readers) == strategy.world_size:
+            stream.load_state_dict(readers[strategy.rank])
+        else:
+            resumed["reader_mapping"] = stream.resume_from(readers)
         if strategy.is_main:
-            log.info("resumed from %s at step %d", checkpoint, step)
+            log.info("resumed from %s at step %d%s", checkpoint, step,
+                     f" with {strategy.world_size} ranks instead of {len(readers)}: {resumed['reader_mapping']}"
+                     if "reader_mapping" in resumed else "")
     else:
         seed_everything(cfg.train.seed + 7919 * strategy.rank)  # per-rank dropout streams
 
@@ -123,7 +131,7 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
     if strategy.is_main:
         metrics.record("config", step, {"config": cfg.to_dict(), "total_steps": total_steps,
                                         "world_size": strategy.world_size,
-                                        "train_groups": total_groups})
+                                        "train_groups": total_groups, **({"resumed": resumed} if resumed else {})})
 
     def run_eval() -> dict:
         if data.eval_dir is None:

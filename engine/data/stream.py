@@ -18,7 +18,9 @@ one rank with w times the accumulation: one worker with accumulation 2 and two w
 with accumulation 1 see the same groups in the same micro-batches. Only one block is held
 in memory (the rank's part of it); shards are memory-mapped. The reader's whole state is
 a cursor (epoch, position) in the global order: a resumed run neither skips nor repeats
-a group.
+a group. ``resume_from`` continues from the states of a run with another number of ranks:
+where those cursors leave every position before some global position F read and none
+after it, every new rank starts at F (batching by group count always leaves them so).
 
 Batching: ``batch_groups`` groups per batch, or with ``max_tokens`` as many groups as keep
 the padded size S * T within the budget (a group over budget alone is its own batch).
@@ -115,6 +117,41 @@ class ComparisonStream:
         if position == self.total_groups and self.total_groups > 0:
             epoch, position = epoch + 1, 0
         self._epoch, self._position = epoch, position
+
+    def resume_from(self, states: list[dict]) -> str:
+        """Continue where the ranks of another layout stopped (states: one per old rank, in
+        rank order); return how their positions were mapped. ReaderStateError when they
+        cannot be mapped without skipping or repeating a group."""
+        world = len(states)
+        if not states or [st.get("rank") for st in states] != list(range(world)) or \
+                any(st.get("world_size") != world for st in states):
+            raise ReaderStateError(f"reader states of ranks {[st.get('rank') for st in states]} do not make one "
+                                   f"layout of {world} ranks")
+        here = {k: v for k, v in self._identity().items() if k in ("seed", "shuffle", "shuffle_buffer", "data")}
+        for st in states:
+            if st.get("version") != STATE_VERSION:
+                raise ReaderStateError(f"reader state version {st.get('version')!r}; this rankpm reads "
+                                       f"version {STATE_VERSION}")
+            diffs = [f"{k}: {st.get(k)!r} in the state, {v!r} here" for k, v in here.items() if st.get(k) != v]
+            if diffs:
+                raise ReaderStateError(f"reader state of rank {st['rank']} does not match this stream over "
+                                       f"{self.data_dir}: " + "; ".join(diffs))
+            if st.get("max_tokens") is not None or self.max_tokens is not None:
+                raise ReaderStateError("token-budget batches (data.max_tokens) advance the ranks unevenly, so "
+                                       "their positions cannot be mapped to another number of ranks")
+        n, unit = self.total_groups, states[0]["interleave"]
+        cursors = [st["epoch"] * n + st["position"] for st in states]  # global positions read up to
+        frontier = max(cursors)
+        for rank, cursor in enumerate(cursors):  # nothing of a rank's own left unread below the frontier
+            u = cursor // unit
+            upcoming = cursor if u % world == rank else (u + (rank - u) % world) * unit
+            if upcoming < frontier:
+                raise ReaderStateError(f"rank {rank} of {world} stopped at global position {cursor} with groups "
+                                       f"of its own unread before {frontier}, where another rank stopped")
+        self._epoch, self._position = divmod(frontier, n) if n else (0, 0)
+        return (f"the {world} ranks had read every group before global position {frontier} (epoch "
+                f"{self._epoch}, position {self._position}) and none after it; {self.world_size} ranks "
+                f"continue from there")
 
     # ----- batches ---------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ repeated batch does (it changes a step's loss by >1e-2 here).
 import json
 import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -162,15 +163,43 @@ def test_export_is_one_consolidated_model_with_its_reward_head(layouts, stage):
     assert (out / "model" / "tokenizer").is_dir()
 
 
-def test_resume_with_another_world_size_is_refused_with_the_reason(layouts):
+def test_resume_with_another_world_size_is_refused_with_the_reason_where_the_state_cannot_move(layouts):
     out = layouts["root"] / "zero1"
     cfg = tiny_config(out, data=layouts["data"], max_steps=8, cluster={"workers": 4, "zero_stage": 1})
-    with pytest.raises(ClusterRunError, match="written by 2 data-parallel ranks, resuming with cluster.workers=4; "
-                                              ".*skip or repeat data.*--workers 2"):
+    with pytest.raises(ClusterRunError, match="written by 2 data-parallel ranks, resuming with cluster.workers=4: "
+                                              "ZeRO-1 partitions the optimizer state .* --workers 2"):
         preflight(cfg)
-    with pytest.raises(CheckpointError, match="written by 2 data-parallel ranks, resuming with 1"):
+    with pytest.raises(CheckpointError, match="written by 2 data-parallel ranks, resuming with 1: one local process "
+                                              "loads only"):
         train(tiny_config(out, data=layouts["data"], max_steps=8, cluster={"workers": 1}))
+    token_budget = tiny_config(layouts["root"] / "zero0", data=dict(layouts["data"], max_tokens=4096),
+                               max_steps=8, cluster={"workers": 4})
+    with pytest.raises(ClusterRunError, match="token-budget batches"):
+        preflight(token_budget)
     assert latest_checkpoint(out).name == "step_00000006"  # nothing was touched
+
+
+def test_a_zero0_run_resumes_on_four_workers_and_continues_the_same_curve(layouts, tmp_path, caplog):
+    """Stopped after step 3 of the 2-worker ZeRO-0 run (batch 4 per rank), resumed on 4
+    workers with batches of 2: the same 8 groups per step, so the same loss curve."""
+    source = layouts["root"] / "zero0" / "checkpoints" / "step_00000003"
+    out = tmp_path / "resized"
+    shutil.copytree(source, out / "checkpoints" / source.name)
+    (out / "checkpoints" / "latest").write_text(source.name + "\n")
+    cfg = tiny_config(out, data=dict(layouts["data"], batch_groups=2), cluster={"workers": 4})
+    with caplog.at_level("INFO"):
+        summary = train_on_ray(cfg)
+    assert "written by 2 ranks, with 4" in caplog.text
+    config_row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert config_row["kind"] == "config" and config_row["resumed"]["ranks_before"] == 2
+    assert config_row["resumed"]["reader_mapping"].startswith(
+        "the 2 ranks had read every group before global position 24 (epoch 0, position 24) and none after it; "
+        "4 ranks continue from there")
+    rows, straight = train_rows(out), train_rows(layouts["root"] / "zero0")
+    assert sorted(rows) == [4, 5, 6] and summary["steps"] == 6
+    assert [rows[s]["loss"] for s in (4, 5, 6)] == pytest.approx([straight[s]["loss"] for s in (4, 5, 6)], **LOSS_TOL)
+    assert [rows[s]["pairs_seen"] for s in (4, 5, 6)] == [straight[s]["pairs_seen"] for s in (4, 5, 6)]
+    assert summary["eval_loss"] == pytest.approx(layouts["zero0"]["eval_loss"], **LOSS_TOL)
 
 
 class KillRank1:

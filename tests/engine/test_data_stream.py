@@ -123,6 +123,52 @@ def test_resume_neither_skips_nor_repeats(data_dir, world, budget):
             assert head + tail == straight, (rank, n)
 
 
+@pytest.mark.parametrize("old,new", [((2, 4), (3, 4)), ((2, 4), (4, 2)), ((3, 2), (2, 5)), ((2, 4), (1, 4))])
+def test_resume_with_another_number_of_ranks_reads_every_group_once(data_dir, old, new):
+    """Ranks of one layout stop after k steps; another layout (ranks, batch size) resumes.
+    Everything read before plus everything read after is the global order, each group once."""
+    (w0, b0), (w1, b1) = old, new
+    kw = dict(seed=3, shuffle_buffer=7)
+    order = ids(itertools.islice(ComparisonStream(data_dir, batch_groups=1, **kw), 6 * GROUPS))  # six epochs
+    for steps in (1, 5, 16):  # the last cut lands in the second epoch
+        before, states = [], []
+        for rank in range(w0):
+            stream = ComparisonStream(data_dir, rank=rank, world_size=w0, batch_groups=b0, **kw)
+            before += ids(itertools.islice(iter(stream), steps))
+            states.append(json.loads(json.dumps(stream.state_dict())))
+        after = []
+        streams = [ComparisonStream(data_dir, rank=r, world_size=w1, batch_groups=b1, **kw) for r in range(w1)]
+        for stream in streams:
+            how = stream.resume_from(states)
+        assert f"every group before global position {w0 * b0 * steps}" in how
+        for stream in streams:
+            after += ids(itertools.islice(iter(stream), 9))
+        read = before + after
+        assert sorted(read) == sorted(order[:len(read)]), (old, new, steps)
+
+
+def test_resume_from_another_layout_refuses_what_cannot_be_mapped(data_dir, other_dir):
+    def states(world, steps, **kw):
+        out = []
+        for rank in range(world):
+            stream = ComparisonStream(data_dir, rank=rank, world_size=world, batch_groups=4, seed=1, **kw)
+            list(itertools.islice(iter(stream), steps[rank]))
+            out.append(stream.state_dict())
+        return out
+
+    with pytest.raises(ReaderStateError, match="rank 1 of 2 stopped at global position 0 with groups of its own "
+                                               "unread before 12"):
+        ComparisonStream(data_dir, world_size=3, seed=1).resume_from(states(2, [2, 0]))
+    with pytest.raises(ReaderStateError, match="token-budget batches"):
+        ComparisonStream(data_dir, world_size=3, seed=1).resume_from(states(2, [1, 1], max_tokens=900))
+    with pytest.raises(ReaderStateError, match="seed: 1 in the state, 2 here"):
+        ComparisonStream(data_dir, world_size=3, seed=2).resume_from(states(2, [1, 1]))
+    with pytest.raises(ReaderStateError, match="data: "):
+        ComparisonStream(other_dir, world_size=3, seed=1).resume_from(states(2, [1, 1]))
+    with pytest.raises(ReaderStateError, match=r"ranks \[0\] do not make one layout of 1"):
+        ComparisonStream(data_dir, world_size=3, seed=1).resume_from(states(2, [1, 1])[:1])
+
+
 def test_resume_of_a_one_pass_stream(data_dir):
     kw = dict(seed=1, shuffle_buffer=5, batch_groups=3, loop=False)
     straight = ids(ComparisonStream(data_dir, **kw))
