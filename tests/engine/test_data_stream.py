@@ -123,7 +123,8 @@ def test_resume_neither_skips_nor_repeats(data_dir, world, budget):
             assert head + tail == straight, (rank, n)
 
 
-@pytest.mark.parametrize("old,new", [((2, 4), (3, 4)), ((2, 4), (4, 2)), ((3, 2), (2, 5)), ((2, 4), (1, 4))])
+@pytest.mark.parametrize("old,new", [((2, 4), (3, 4)), ((2, 4), (4, 2)), ((3, 2), (2, 5)), ((2, 4), (1, 4)),
+                                     ((1, 3), (2, 4))])
 def test_resume_with_another_number_of_ranks_reads_every_group_once(data_dir, old, new):
     """Ranks of one layout stop after k steps; another layout (ranks, batch size) resumes.
     Everything read before plus everything read after is the global order, each group once."""
