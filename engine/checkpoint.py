@@ -100,10 +100,14 @@ def load_checkpoint(strategy, path: str | Path, *, fresh_seed: int = 0) -> tuple
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
     else:  # a rank the checkpoint's layout did not have
-        random.seed(fresh_seed)
-        np.random.seed(fresh_seed % 2**32)
-        torch.manual_seed(fresh_seed)
+        seed_everything(fresh_seed)
     return meta, readers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from rankpm.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rankpm.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 from rankpm.engine.config import RunConfig
 from rankpm.engine.data.stream import ComparisonStream
 from rankpm.engine.data.tokenizer import load_tokenizer
@@ -42,12 +40,6 @@ def local_strategy(cfg: RunConfig) -> LocalStrategy:
     t = cfg.train
     return LocalStrategy(device=resolve_device(t.device), grad_accum=t.grad_accum,
                          grad_clip=t.grad_clip, precision=t.precision)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -108,23 +100,23 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
 
     step, pairs_seen, tokens_seen = 0, 0, 0
     resumed: dict = {}
+    rank_seed = cfg.train.seed + 7919 * strategy.rank  # per-rank dropout streams
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
-        trainer_state, readers = load_checkpoint(strategy, checkpoint,
-                                                 fresh_seed=cfg.train.seed + 7919 * strategy.rank)
+        trainer_state, readers = load_checkpoint(strategy, checkpoint, fresh_seed=rank_seed)
         step, pairs_seen, tokens_seen = (trainer_state["step"], trainer_state["pairs_seen"],
                                          trainer_state["tokens_seen"])
         resumed = {"checkpoint": str(checkpoint), "step": step, "ranks_before": len(readers)}
+        how = ""
         if len(readers) == strategy.world_size:
             stream.load_state_dict(readers[strategy.rank])
         else:
             resumed["reader_mapping"] = stream.resume_from(readers)
+            how = f" with {strategy.world_size} ranks instead of {len(readers)}: {resumed['reader_mapping']}"
         if strategy.is_main:
-            log.info("resumed from %s at step %d%s", checkpoint, step,
-                     f" with {strategy.world_size} ranks instead of {len(readers)}: {resumed['reader_mapping']}"
-                     if "reader_mapping" in resumed else "")
+            log.info("resumed from %s at step %d%s", checkpoint, step, how)
     else:
-        seed_everything(cfg.train.seed + 7919 * strategy.rank)  # per-rank dropout streams
+        seed_everything(rank_seed)
 
     metrics = MetricsLog(out_dir, enabled=strategy.is_main, total_steps=total_steps,
                          progress=cfg.train.progress, initial_step=step, on_record=on_record)
