@@ -29,6 +29,7 @@ import ray
 from rankpm.cluster.progress import DriverProgress
 from rankpm.engine.checkpoint import latest_checkpoint
 from rankpm.engine.config import RunConfig
+from rankpm.engine.data.stream import UNEVEN_BATCHES
 from rankpm.engine.deepspeed_strategy import resize_refusal
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,7 @@ def preflight(cfg: RunConfig) -> None:
         return
     reason = resize_refusal(last)
     if reason is None and cfg.data.max_tokens is not None:
-        reason = ("token-budget batches (data.max_tokens) advance the ranks unevenly, so their reader positions "
-                  f"cannot be mapped to another number of ranks; resume with --workers {written}")
+        reason = f"{UNEVEN_BATCHES}; resume with --workers {written}"
     if reason:
         raise ClusterRunError(f"{last}: written by {written} data-parallel ranks, resuming with cluster.workers="
                               f"{cfg.cluster.workers}: {reason}")

@@ -24,6 +24,7 @@ follows it. Every problem raises DataError naming the row and the field.
 """
 from __future__ import annotations
 
+import itertools
 import re
 
 from rankpm.engine.data.errors import DataError, Where
@@ -62,8 +63,7 @@ def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup 
         ranks = [0, 1]
     elif "response" in row or "label" in row:
         fmt, ranks = "labelled", None
-        name = "prompt" if "prompt" in row else "context"
-        context = _context(_require(row, name, where), name, where)
+        context = _prompt(row, where)
         responses = [_response(_require(row, "response", where), "response", where)]
         good = _label(_require(row, "label", where), where)
         if row.get("margin") is not None:
@@ -129,9 +129,14 @@ def _label(value, where: Where) -> bool:
     raise DataError(where, "label", f"expected true/false, \"good\"/\"bad\" or 1/0, got {value!r}")
 
 
-def _ranked(row: dict, where: Where) -> tuple[str, list[str], list[int], list[float] | None]:
+def _prompt(row: dict, where: Where) -> str:
+    """The context of a row that gives it as ``prompt`` or ``context``."""
     name = "prompt" if "prompt" in row else "context"
-    context = _context(_require(row, name, where), name, where)
+    return _context(_require(row, name, where), name, where)
+
+
+def _ranked(row: dict, where: Where) -> tuple[str, list[str], list[int], list[float] | None]:
+    context = _prompt(row, where)
     responses = _require(row, "responses", where)
     if not isinstance(responses, list):
         raise DataError(where, "responses", f"expected a list of strings, got {type(responses).__name__}")
@@ -154,7 +159,7 @@ def _ranked(row: dict, where: Where) -> tuple[str, list[str], list[int], list[fl
     if len(set(ranks)) < 2:
         raise DataError(where, "ranks", f"fewer than two distinct ranks ({ranks}): the group forms no pair")
     if ratings is not None:
-        for i, j in ((i, j) for i in range(len(ranks)) for j in range(len(ranks))):
+        for i, j in itertools.permutations(range(len(ranks)), 2):
             if ranks[i] < ranks[j] and ratings[i] < ratings[j]:
                 raise DataError(where, "ratings", f"response {i} ranks above response {j} but is rated "
                                 f"below it ({ratings[i]} < {ratings[j]}): its margin would be negative")

@@ -50,6 +50,10 @@ class ReaderStateError(ValueError):
     pass
 
 
+UNEVEN_BATCHES = ("token-budget batches (data.max_tokens) advance the ranks unevenly, so their positions "
+                  "cannot be mapped to another number of ranks")
+
+
 class ComparisonStream:
     def __init__(self, data_dir: str | Path, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1024, batch_groups: int = 8,
@@ -137,8 +141,7 @@ class ComparisonStream:
                 raise ReaderStateError(f"reader state of rank {st['rank']} does not match this stream over "
                                        f"{self.data_dir}: " + "; ".join(diffs))
             if st.get("max_tokens") is not None or self.max_tokens is not None:
-                raise ReaderStateError("token-budget batches (data.max_tokens) advance the ranks unevenly, so "
-                                       "their positions cannot be mapped to another number of ranks")
+                raise ReaderStateError(UNEVEN_BATCHES)
         n, unit = self.total_groups, states[0]["interleave"]
         cursors = [st["epoch"] * n + st["position"] for st in states]  # global positions read up to
         frontier = max(cursors)
