@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rankpm.cluster.launch import train_many_on_ray
-    from rankpm.engine.train import train
+    from rankpm.engine.train.loop import train
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="rankpm_bench_cluster_"))
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     local = train(config(root / "local", steps=args.steps, workers=1))
     data = {"train": [str(root / "local" / "data" / "train")], "eval": [str(root / "local" / "data" / "eval")]}
-    from rankpm.engine.model import PreferenceModel
+    from rankpm.engine.model.preference_model import PreferenceModel
     n_params = sum(p.numel() for p in PreferenceModel.load(root / "local" / "model").parameters())
     results.append(("local (1 process)", root / "local", 1))
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import ray
 
 from rankpm.cluster.progress import DriverProgress
-from rankpm.engine.checkpoint import latest_checkpoint
+from rankpm.engine.train.checkpoint import latest_checkpoint
 from rankpm.engine.config import RunConfig
 from rankpm.engine.data.stream import UNEVEN_BATCHES
-from rankpm.engine.deepspeed_strategy import resize_refusal
+from rankpm.engine.train.deepspeed_strategy import resize_refusal
 
 log = logging.getLogger(__name__)
 

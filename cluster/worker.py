@@ -22,8 +22,8 @@ def run_rank(config: dict) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     from rankpm.engine.config import from_dict
-    from rankpm.engine.deepspeed_strategy import DeepSpeedStrategy, init_distributed
-    from rankpm.engine.train import train
+    from rankpm.engine.train.deepspeed_strategy import DeepSpeedStrategy, init_distributed
+    from rankpm.engine.train.loop import train
 
     relay = config.get("relay")
 

@@ -106,16 +106,16 @@ def _run_train(args) -> int:
         def runner(stage_cfg):
             return train_on_ray(stage_cfg, dashboard=args.dashboard)
     else:
-        from rankpm.engine.train import train
+        from rankpm.engine.train.loop import train
         runner = train
-    from rankpm.engine.stages import run_stages  # every stage through the same runner, then the report
+    from rankpm.engine.train.stages import run_stages  # every stage through the same runner, then the report
     summary = run_stages(cfg, runner)
     print(json.dumps(summary), flush=True)
     return 0
 
 
 def _run_eval(args) -> int:
-    from rankpm.engine.scoring import evaluate_model_folder
+    from rankpm.engine.score.scorer import evaluate_model_folder
 
     data = args.data
     if args.bigbench:  # BIG-bench multiple choice -> comparison groups (JSONL) first

@@ -186,7 +186,7 @@ class RunConfig:
             if getattr(self.objective, key) < 0:
                 raise ConfigError(f"objective.{key}: got {getattr(self.objective, key)!r}, expected >= 0")
         if self.stages:
-            from rankpm.engine.stages import stage_configs
+            from rankpm.engine.train.stages import stage_configs
             stage_configs(self)  # every stage must be a valid run config on its own
             return self
         if not self.data.train and self.data.synthetic is None:

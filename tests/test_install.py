@@ -16,7 +16,7 @@ def test_installed_copy_imports_from_outside_the_checkout(tmp_path):
         ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True, timeout=300)
-    code = ("import rankpm.engine.train, rankpm.engine.data.stream, rankpm.kernels.ranked_loss, "
+    code = ("import rankpm.engine.train.loop, rankpm.engine.data.stream, rankpm.kernels.ranked_loss, "
             "rankpm.cluster.launch, rankpm.engine.cli as cli; "
             "print(rankpm.engine.train.__file__); cli.main(['--help'])")
     env = dict(os.environ, PYTHONPATH=str(target))

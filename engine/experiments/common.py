@@ -20,7 +20,7 @@ SIZES = {
 
 def run_config(raw: dict):
     """Train one config (or reuse a finished run in the same folder); return (summary, section)."""
-    from rankpm.engine.stages import run_stages
+    from rankpm.engine.train.stages import run_stages
 
     cfg = from_dict(raw)
     start = time.perf_counter()
@@ -31,7 +31,7 @@ def run_config(raw: dict):
 
 
 def parameter_count(model_dir: str | Path) -> dict:
-    from rankpm.engine.model import PreferenceModel
+    from rankpm.engine.model.preference_model import PreferenceModel
 
     model = PreferenceModel.load(model_dir)
     total = sum(p.numel() for p in model.parameters())

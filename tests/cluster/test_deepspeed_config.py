@@ -4,7 +4,7 @@ import json
 import pytest
 
 from rankpm.engine.config import ConfigError
-from rankpm.engine.deepspeed_strategy import build_deepspeed_config
+from rankpm.engine.train.deepspeed_strategy import build_deepspeed_config
 
 from cluster_helpers import tiny_config
 

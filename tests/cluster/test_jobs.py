@@ -20,7 +20,7 @@ import yaml
 from cluster_helpers import tiny_config
 
 from rankpm.cluster.jobs import JobError, build_submission
-from rankpm.engine.checkpoint import latest_checkpoint
+from rankpm.engine.train.checkpoint import latest_checkpoint
 from rankpm.engine.cli import main
 
 

@@ -32,9 +32,9 @@ import torch
 from cluster_helpers import tiny_config, train_rows
 
 from rankpm.cluster.launch import ClusterRunError, preflight, train_many_on_ray, train_on_ray
-from rankpm.engine.checkpoint import CheckpointError, latest_checkpoint
-from rankpm.engine.model import PreferenceModel
-from rankpm.engine.train import train
+from rankpm.engine.train.checkpoint import CheckpointError, latest_checkpoint
+from rankpm.engine.model.preference_model import PreferenceModel
+from rankpm.engine.train.loop import train
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_losses.json")
 LOSS_TOL = dict(rel=1e-3, abs=1e-5)

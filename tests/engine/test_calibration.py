@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from rankpm.engine.calibration import calibration, confidence_and_outcome, reliability_plot
+from rankpm.engine.score.calibration import calibration, confidence_and_outcome, reliability_plot
 
 
 def test_confidence_is_sigmoid_of_the_absolute_gap_and_outcome_is_the_sign():

@@ -6,7 +6,7 @@ import pytest
 from rankpm.engine.cli import main
 from rankpm.engine.config import from_dict
 from rankpm.engine.data.synthetic_pmp import generate_groups, write_jsonl
-from rankpm.engine.train import train
+from rankpm.engine.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_eval_reads_bigbench_multiple_choice_tasks(binary_model, tmp_path, capsy
 
 
 def test_scores_are_centred_or_standardised_only_on_request(binary_model):
-    from rankpm.engine.model import PreferenceModel
-    from rankpm.engine.scoring import RewardScorer
+    from rankpm.engine.model.preference_model import PreferenceModel
+    from rankpm.engine.score.scorer import RewardScorer
 
     model, _ = binary_model
     stats = PreferenceModel.read_meta(model)["score_stats"]

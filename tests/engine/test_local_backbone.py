@@ -6,7 +6,7 @@ import pytest
 
 from rankpm.engine.config import load_config
 from rankpm.engine.data.synthetic import generate
-from rankpm.engine.train import train
+from rankpm.engine.train.loop import train
 from tests_paths import QUICKSTART
 
 

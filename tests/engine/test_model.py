@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rankpm.engine.config import ModelConfig
-from rankpm.engine.model import PreferenceModel
+from rankpm.engine.model.preference_model import PreferenceModel
 
 VOCAB, PAD, EOC = 300, 0, 0  # pad == end-of-context: the classic reward-model trap
 

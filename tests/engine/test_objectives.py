@@ -10,8 +10,8 @@ import torch
 
 from rankpm.engine.config import ModelConfig, ObjectiveConfig
 from rankpm.engine.data.schema import Batch
-from rankpm.engine.model import IGNORE_INDEX, ModelOutput, PreferenceModel
-from rankpm.engine.objectives import build_objective, lm_targets, preferred_sequences
+from rankpm.engine.model.preference_model import IGNORE_INDEX, ModelOutput, PreferenceModel
+from rankpm.engine.train.objectives import build_objective, lm_targets, preferred_sequences
 
 SP = {-2: 0.126928, -1: 0.313262, 0: math.log(2)}
 X = IGNORE_INDEX

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from rankpm.engine.data.schema import Batch
-from rankpm.engine.judges import binary_logits
-from rankpm.engine.model import ModelOutput
-from rankpm.engine.report import analyse, collect_pairs, write_report
+from rankpm.engine.score.judges import binary_logits
+from rankpm.engine.model.preference_model import ModelOutput
+from rankpm.engine.score.report import analyse, collect_pairs, write_report
 
 
 class FixedScores(torch.nn.Module):

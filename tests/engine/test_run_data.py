@@ -4,8 +4,8 @@ import json
 import torch
 
 from rankpm.engine.config import from_dict
-from rankpm.engine.run_data import resolve_run_data
-from rankpm.engine.strategy import LocalStrategy
+from rankpm.engine.data.run_data import resolve_run_data
+from rankpm.engine.train.strategy import LocalStrategy
 
 
 def test_binary_run_mixes_ranked_and_labelled_rows_and_its_manifest_lists_rows_the_transform_skipped(tmp_path):

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from rankpm.engine.config import ConfigError, ModelConfig, from_dict
-from rankpm.engine.model import PreferenceModel
-from rankpm.engine.stages import run_stages, stage_configs
+from rankpm.engine.model.preference_model import PreferenceModel
+from rankpm.engine.train.stages import run_stages, stage_configs
 
 
 def two_stage(tmp_path, **second):

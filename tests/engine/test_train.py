@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from rankpm.engine.checkpoint import CheckpointError, latest_checkpoint
+from rankpm.engine.train.checkpoint import CheckpointError, latest_checkpoint
 from rankpm.engine.config import from_dict
-from rankpm.engine.scoring import RewardScorer
-from rankpm.engine.train import train
+from rankpm.engine.score.scorer import RewardScorer
+from rankpm.engine.train.loop import train
 
 
 def tiny_config(out_dir, **train_overrides):
@@ -134,9 +134,9 @@ def test_a_rank_with_no_evaluation_groups_keeps_in_step_with_a_filler_batch(tmp_
     import torch
 
     from rankpm.engine.data.stream import ComparisonStream
-    from rankpm.engine.evaluate import evaluate
-    from rankpm.engine.model import PreferenceModel
-    from rankpm.engine.strategy import LocalStrategy
+    from rankpm.engine.score.evaluate import evaluate
+    from rankpm.engine.model.preference_model import PreferenceModel
+    from rankpm.engine.train.strategy import LocalStrategy
 
     out = tmp_path / "run"
     train(tiny_config(out, max_steps=1))

@@ -12,7 +12,7 @@
 
 The objective says what the model must compute (``model_inputs``: LM targets for the
 forward, so the LM head runs inside the module under ZeRO-3) and how a trained model
-judges comparisons (``judge``: see rankpm.engine.judges).
+judges comparisons (``judge``: see rankpm.engine.score.judges).
 
 Metrics are returned as tensors (sums, with their counts) so that accumulating them over
 micro-batches and ranks needs no host sync until the trainer decides to log.
@@ -25,8 +25,8 @@ import torch
 
 from rankpm.engine.config import ObjectiveConfig
 from rankpm.engine.data.schema import Batch
-from rankpm.engine.judges import judge_for_objective, shifted_targets
-from rankpm.engine.model import IGNORE_INDEX, ModelOutput
+from rankpm.engine.score.judges import judge_for_objective, shifted_targets
+from rankpm.engine.model.preference_model import IGNORE_INDEX, ModelOutput
 from rankpm.kernels.ranked_loss import ranked_preference_loss
 
 

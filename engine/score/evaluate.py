@@ -10,7 +10,7 @@ import math
 import torch
 
 from rankpm.engine.data.schema import Batch
-from rankpm.engine.judges import judge as judge_batch
+from rankpm.engine.score.judges import judge as judge_batch
 from rankpm.kernels.ranked_loss import ranked_preference_loss
 
 
@@ -23,7 +23,7 @@ def evaluate(model, batches, *, strategy, num_batches: int | None = None, judge:
     global maximum), repeating its last batch with zero weight (``filler`` when its share is
     empty), so that collective operations inside the forward (ZeRO-3 parameter gathers)
     stay in step across ranks.
-    ``judge``: how responses are compared (rankpm.engine.judges): "score" (preference
+    ``judge``: how responses are compared (rankpm.engine.score.judges): "score" (preference
     models), "binary" (P(GOOD), on label-expanded data) or "logprob" (imitation models).
     """
     model.eval()

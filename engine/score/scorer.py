@@ -12,9 +12,9 @@ import torch
 
 from rankpm.engine.data.collate import collate
 from rankpm.engine.data.tokenizer import load_tokenizer
-from rankpm.engine.evaluate import evaluate
-from rankpm.engine.model import MODEL_FILE, PreferenceModel
-from rankpm.engine.strategy import LocalStrategy
+from rankpm.engine.score.evaluate import evaluate
+from rankpm.engine.model.preference_model import MODEL_FILE, PreferenceModel
+from rankpm.engine.train.strategy import LocalStrategy
 
 MANIFEST = "manifest.json"
 
@@ -83,14 +83,14 @@ def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: st
                           judge: str | None = None) -> dict:
     """Pair accuracy, loss and score statistics of a saved model on comparison data.
 
-    ``judge``: how responses are compared (rankpm.engine.judges); None: the one of the
+    ``judge``: how responses are compared (rankpm.engine.score.judges); None: the one of the
     objective the model was trained with. A binary-discrimination model's text inputs are
     label-expanded before tokenization. ``report_dir``: also write the report folder
     (accuracy by source and turns, calibration, score statistics, PNGs).
     """
     from rankpm.engine.data.prepare import prepare
     from rankpm.engine.data.stream import ComparisonStream
-    from rankpm.engine.judges import judge_for_objective
+    from rankpm.engine.score.judges import judge_for_objective
 
     model_dir = resolve_model_folder(model_dir)
     meta = PreferenceModel.read_meta(model_dir)
@@ -117,7 +117,7 @@ def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: st
         report["skipped_rows"] = len(stream.manifest.get("skipped", []))
         report["checkpoint_score_stats"] = meta.get("score_stats", {})
         if report_dir is not None:
-            from rankpm.engine.report import analyse, collect_pairs, write_report
+            from rankpm.engine.score.report import analyse, collect_pairs, write_report
             stream = ComparisonStream(data_dir, shuffle=False, batch_groups=batch_groups, loop=False)
             section = analyse(collect_pairs(model, stream, judge=judge), name="eval")
             write_report(report_dir, [section], title=f"rankpm eval: {model_dir}",

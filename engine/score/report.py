@@ -5,8 +5,8 @@
     write_report("runs/x/report", [section])                   # report.json, report.md, PNGs
 
 Pair accuracy counts a pair right when the better response's judgement is strictly
-higher (an exact tie is wrong, as in rankpm.engine.evaluate); it is given overall, per
-source tag and per dialogue turn count. Scores are the judge's (rankpm.engine.judges):
+higher (an exact tie is wrong, as in rankpm.engine.score.evaluate); it is given overall, per
+source tag and per dialogue turn count. Scores are the judge's (rankpm.engine.score.judges):
 PM scores, P(GOOD) logits or mean log-probs.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rankpm.engine.calibration import calibration, reliability_plot
-from rankpm.engine.judges import judge as judge_batch
+from rankpm.engine.score.calibration import calibration, reliability_plot
+from rankpm.engine.score.judges import judge as judge_batch
 
 
 @dataclass
@@ -117,7 +117,7 @@ def score_histogram(scores, sources, path, title: str) -> None:
 def write_report(out_dir: str | Path, sections: list[dict], *, title: str = "rankpm evaluation",
                  extra: dict | None = None) -> Path:
     """report.json (every number), report.md (a summary), reliability and score PNGs per section."""
-    from rankpm.engine.calibration import Calibration, CalibrationBin
+    from rankpm.engine.score.calibration import Calibration, CalibrationBin
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,8 +184,8 @@ def report_model_folder(model_dir: str | Path, data_dir: str | Path, *, judge: s
                         name: str = "eval", batch_groups: int = 64, device="cpu") -> dict:
     """One report section for a saved model on a prepared folder (judge from the model's objective)."""
     from rankpm.engine.data.stream import ComparisonStream
-    from rankpm.engine.judges import judge_for_objective
-    from rankpm.engine.model import PreferenceModel
+    from rankpm.engine.score.judges import judge_for_objective
+    from rankpm.engine.model.preference_model import PreferenceModel
 
     meta = PreferenceModel.read_meta(model_dir)
     if judge is None:

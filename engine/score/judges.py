@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from rankpm.engine.data.schema import Batch
-from rankpm.engine.model import IGNORE_INDEX
+from rankpm.engine.model.preference_model import IGNORE_INDEX
 
 JUDGES = ("score", "binary", "logprob")
 

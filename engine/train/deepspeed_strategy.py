@@ -3,7 +3,7 @@
     strategy = DeepSpeedStrategy.from_config(cfg)    # after RANK/WORLD_SIZE/MASTER_* are set
     summary = train(cfg, strategy)                    # the same loop as one local process
 
-Semantics are LocalStrategy's (engine/strategy.py), which were chosen to be DeepSpeed's:
+Semantics are LocalStrategy's (engine/train/strategy.py), which were chosen to be DeepSpeed's:
 ``backward`` once per micro-batch (DeepSpeed scales by 1 / gradient_accumulation_steps),
 ``step`` once per micro-batch (DeepSpeed clips, steps the optimizer and the scheduler only
 at the accumulation boundary). Gradients are averaged over ranks, so N ranks with
@@ -27,7 +27,7 @@ from torch import nn
 
 from rankpm.engine.config import ConfigError, RunConfig
 from rankpm.engine.io import atomic_write_json
-from rankpm.engine.strategy import attention_backends
+from rankpm.engine.train.strategy import attention_backends
 
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's own folder inside a rankpm checkpoint
 STATE_FILE = "strategy.json"

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from rankpm.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+from rankpm.engine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 from rankpm.engine.config import RunConfig
 from rankpm.engine.data.stream import ComparisonStream
 from rankpm.engine.data.tokenizer import load_tokenizer
-from rankpm.engine.evaluate import evaluate
-from rankpm.engine.metrics import MetricsLog
-from rankpm.engine.model import PreferenceModel
-from rankpm.engine.objectives import build_objective
-from rankpm.engine.run_data import resolve_run_data
-from rankpm.engine.strategy import LocalStrategy
+from rankpm.engine.score.evaluate import evaluate
+from rankpm.engine.train.metrics import MetricsLog
+from rankpm.engine.model.preference_model import PreferenceModel
+from rankpm.engine.train.objectives import build_objective
+from rankpm.engine.data.run_data import resolve_run_data
+from rankpm.engine.train.strategy import LocalStrategy
 
 log = logging.getLogger(__name__)
 

@@ -76,7 +76,7 @@ def stage_configs(cfg: RunConfig) -> list[RunConfig]:
 
 
 def eval_dir_of(cfg: RunConfig) -> Path | None:
-    """Where a run's prepared evaluation data lives (see rankpm.engine.run_data)."""
+    """Where a run's prepared evaluation data lives (see rankpm.engine.data.run_data)."""
     if cfg.data.synthetic is None and len(cfg.data.eval) == 1 and (Path(cfg.data.eval[0]) / "manifest.json").is_file():
         return Path(cfg.data.eval[0])
     path = Path(cfg.train.out_dir) / "data" / "eval"
@@ -86,7 +86,7 @@ def eval_dir_of(cfg: RunConfig) -> Path | None:
 def run_stages(cfg: RunConfig, runner=None, *, report: bool = True) -> dict:
     """Train every stage in order (``runner``: engine train, or the cluster's), then report."""
     if runner is None:
-        from rankpm.engine.train import train as runner
+        from rankpm.engine.train.loop import train as runner
     configs = stage_configs(cfg) if cfg.stages else [cfg]
     summaries, sections = [], []
     for i, stage_cfg in enumerate(configs):
@@ -100,7 +100,7 @@ def run_stages(cfg: RunConfig, runner=None, *, report: bool = True) -> dict:
             summary = dict(runner(stage_cfg), stage=name)
             atomic_write_json(done, summary)
         if report and eval_dir_of(stage_cfg) is not None:
-            from rankpm.engine.report import report_model_folder
+            from rankpm.engine.score.report import report_model_folder
             section = report_model_folder(Path(stage_cfg.train.out_dir) / "model", eval_dir_of(stage_cfg),
                                           name=name, batch_groups=stage_cfg.data.eval_batch_groups)
             sections.append(section)
@@ -112,7 +112,7 @@ def run_stages(cfg: RunConfig, runner=None, *, report: bool = True) -> dict:
     if cfg.stages:
         result["stages"] = summaries
     if sections:
-        from rankpm.engine.report import write_report
+        from rankpm.engine.score.report import write_report
         result["report"] = str(write_report(Path(cfg.train.out_dir) / "report", sections,
                                             title=f"rankpm report: {cfg.train.out_dir}"))
     return result

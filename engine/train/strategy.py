@@ -1,8 +1,8 @@
 """How one training step is executed: the loop calls a strategy, never an optimizer directly.
 
 LocalStrategy runs one process with plain PyTorch. The DeepSpeed strategy
-(engine/deepspeed_strategy.py, the one module that imports deepspeed) has the same
-methods, so the training loop in engine/train.py is the same in both cases.
+(engine/train/deepspeed_strategy.py, the one module that imports deepspeed) has the same
+methods, so the training loop in engine/train/loop.py is the same in both cases.
 
 Semantics shared by every strategy (they mirror DeepSpeed's engine):
 - ``backward(loss)`` is called once per micro-batch and scales by 1 / grad_accum;
