@@ -8,6 +8,7 @@ ConfigError naming the dotted key, the bad value and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,6 +123,12 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # A step whose loss or gradient norm is not finite: "stop" the run (naming the step, its
+    # groups and the last good checkpoint) or "skip" it (no update; counted in the metrics).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Resume from a checkpoint written under other settings (data, model, objective,
+    # optimisation): refused unless this is set; the changes are logged and recorded.
+    resume_with_changes: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,27 +171,23 @@ class RunConfig:
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, this config
 
     def validate(self) -> "RunConfig":
-        checks = [
-            ("data.max_length", self.data.max_length >= 8, "an integer >= 8"),
-            ("data.batch_groups", self.data.batch_groups >= 1, "an integer >= 1"),
-            ("train.lr", self.train.lr > 0, "a positive number"),
-            ("train.grad_accum", self.train.grad_accum >= 1, "an integer >= 1"),
-            ("train.epochs", self.train.epochs > 0, "a positive number"),
-            ("train.keep_last", self.train.keep_last >= 1, "an integer >= 1"),
-            ("cluster.workers", self.cluster.workers >= 1, "an integer >= 1"),
-            ("cluster.zero_stage", self.cluster.zero_stage in (0, 1, 2, 3), "0, 1, 2 or 3"),
-        ]
-        for key, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"{key}: got {_lookup(self, key)!r}, expected {expected}")
-        if self.train.max_steps is not None and self.train.max_steps < 1:
-            raise ConfigError(f"train.max_steps: got {self.train.max_steps!r}, expected >= 1")
+        for key, ok, expected in RANGES:
+            value = _lookup(self, key)
+            if value is not None and not _holds(ok, value):
+                raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+        s = self.data.synthetic
+        if s is not None and s.k_max < s.k_min:
+            raise ConfigError(f"data.synthetic.k_max: got {s.k_max}, expected >= data.synthetic.k_min ({s.k_min})")
         if self.objective.name == "imitation" and self.objective.lm_loss:
             raise ConfigError("objective.lm_loss: got True, but objective.name='imitation' is already "
                               "a language-model loss; use name=ranked or binary for PM + LM")
-        for key in ("pm_weight", "lm_weight", "rating_margin"):
-            if getattr(self.objective, key) < 0:
-                raise ConfigError(f"objective.{key}: got {getattr(self.objective, key)!r}, expected >= 0")
+        if self.objective.lm_loss and self.objective.pm_weight == 0 and self.objective.lm_weight == 0:
+            raise ConfigError("objective.pm_weight and objective.lm_weight: both 0, so the loss is 0; "
+                              "give at least one a positive weight")
+        labels = self.objective.labels
+        if not labels.good or not labels.bad or labels.good == labels.bad:
+            raise ConfigError(f"objective.labels: good={labels.good!r} and bad={labels.bad!r} must be two "
+                              f"different, non-empty strings")
         if self.stages:
             from rankpm.engine.train.stages import stage_configs
             stage_configs(self)  # every stage must be a valid run config on its own
@@ -197,6 +200,55 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _finite(x) -> bool:
+    return math.isfinite(x)
+
+
+# Every numeric key with the range it must lie in: (dotted key, predicate, what is expected).
+# None (an optional key left unset) always passes.
+RANGES = [
+    ("model.dropout", lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    ("data.max_length", lambda x: x >= 8, "an integer >= 8"),
+    ("data.batch_groups", lambda x: x >= 1, "an integer >= 1"),
+    ("data.max_tokens", lambda x: x >= 1, "an integer >= 1, or null"),
+    ("data.shuffle_buffer", lambda x: x >= 1, "an integer >= 1"),
+    ("data.eval_batch_groups", lambda x: x >= 1, "an integer >= 1"),
+    ("data.synthetic.train_groups", lambda x: x >= 1, "an integer >= 1"),
+    ("data.synthetic.eval_groups", lambda x: x >= 1, "an integer >= 1"),
+    ("data.synthetic.seed", lambda x: x >= 0, "an integer >= 0"),
+    ("data.synthetic.k_min", lambda x: x >= 2, "an integer >= 2"),
+    ("objective.rating_margin", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("objective.pm_weight", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("objective.lm_weight", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("train.seed", lambda x: x >= 0, "an integer >= 0"),
+    ("train.lr", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("train.weight_decay", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("train.betas", lambda b: all(_finite(x) and 0 <= x < 1 for x in b), "two numbers in [0, 1)"),
+    ("train.warmup_steps", lambda x: x >= 0, "an integer >= 0"),
+    ("train.min_lr_ratio", lambda x: _finite(x) and 0 <= x <= 1, "a number in [0, 1]"),
+    ("train.max_steps", lambda x: x >= 1, "an integer >= 1, or null (derived from train.epochs)"),
+    ("train.epochs", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("train.grad_accum", lambda x: x >= 1, "an integer >= 1"),
+    ("train.grad_clip", lambda x: _finite(x) and x >= 0, "a finite number > 0, or 0 for no clipping"),
+    ("train.eval_every", lambda x: x >= 0, "an integer >= 0 (0: only at the end)"),
+    ("train.save_every", lambda x: x >= 0, "an integer >= 0 (0: only at the end)"),
+    ("train.keep_last", lambda x: x >= 1, "an integer >= 1"),
+    ("train.log_every", lambda x: x >= 1, "an integer >= 1"),
+    ("cluster.workers", lambda x: x >= 1, "an integer >= 1"),
+    ("cluster.cpus_per_worker", lambda x: x >= 1, "an integer >= 1"),
+    ("cluster.gpus_per_worker", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("cluster.zero_stage", lambda x: x in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    ("cluster.max_failures", lambda x: x >= 0, "an integer >= 0"),
+]
+
+
+def _holds(ok, value) -> bool:
+    try:
+        return bool(ok(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML file (or defaults when path is None) and apply KEY=VALUE overrides."""
     raw: dict = {}
@@ -205,15 +257,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = _parse_yaml(f.read(), str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+        _set_dotted(raw, key.strip(), _parse_yaml(text, f"override {item!r}"))
     return from_dict(raw)
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}{at}: YAML syntax error: {problem}") from None
 
 
 def from_dict(raw: dict) -> RunConfig:
@@ -281,5 +343,7 @@ def _coerce(hint, value: Any, key: str):
 def _lookup(cfg: RunConfig, key: str):
     node: Any = cfg
     for part in key.split("."):
+        if node is None:  # inside an optional section that is not set
+            return None
         node = getattr(node, part)
     return node
