@@ -25,6 +25,7 @@ follows it. Every problem raises DataError naming the row and the field.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 from rankpm.engine.data.errors import DataError, Where
@@ -72,9 +73,11 @@ def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup 
         raise DataError(where, "<row>", f"unrecognised row with fields {sorted(row)}: expected "
                         "prompt/chosen/rejected, chosen/rejected transcripts, prompt/responses/ranks, "
                         "or prompt/response/label")
-    for k, text in enumerate(responses):
-        if not text.strip():
-            raise DataError(where, response_field(fmt, k), "empty response")
+    # An empty response is a legitimate answer (HH-RLHF's harmless-base prefers saying nothing
+    # at times): it is scored at the end-of-context token right after the context.
+    if len(responses) >= 2 and len(set(responses)) == 1:
+        what = "chosen and rejected are identical" if fmt != "ranked" else f"all {len(responses)} responses are identical"
+        raise DataError(where, response_field(fmt, len(responses) - 1), f"{what}: the group compares nothing")
 
     group_id = row.get("id", default_id)
     if group_id is None:
@@ -85,13 +88,13 @@ def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup 
     if not isinstance(source, str):
         raise DataError(where, "source", f"expected a string, got {source!r}")
     margin = row.get("margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-        raise DataError(where, "margin", f"expected a number or null, got {margin!r}")
+    if margin is not None and not _is_stored_float(margin):
+        raise DataError(where, "margin", f"expected a finite number (|x| < {FLOAT32_MAX:.3g}) or null, got {margin!r}")
     turns = row.get("turns")
     if turns is None:
         turns = count_turns(context)
-    elif isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
-        raise DataError(where, "turns", f"expected a positive integer, got {turns!r}")
+    elif isinstance(turns, bool) or not isinstance(turns, int) or not 1 <= turns <= INT32_MAX:
+        raise DataError(where, "turns", f"expected an integer in [1, {INT32_MAX}], got {turns!r}")
     if fmt == "labelled":
         return fmt, LabelledResponse(id=str(group_id), context=context, response=responses[0], good=good,
                                      source=source, turns=turns)
@@ -99,6 +102,21 @@ def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup 
                             margin=None if margin is None else float(margin), source=source, turns=turns,
                             ratings=ratings)
     return fmt, group
+
+
+# Shards store ranks and turns as int32 and margins and ratings as float32.
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _is_stored_float(value) -> bool:
+    """A number that float32 holds finitely (JSON allows NaN and Infinity; Python ints are unbounded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) < FLOAT32_MAX
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _require(row: dict, name: str, where: Where):
@@ -152,8 +170,8 @@ def _ranked(row: dict, where: Where) -> tuple[str, list[str], list[int], list[fl
         if not isinstance(text, str):
             raise DataError(where, f"responses[{k}]", f"expected a string, got {type(text).__name__}")
     for k, rank in enumerate(ranks):
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise DataError(where, f"ranks[{k}]", f"expected an integer, got {rank!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= INT32_MAX:
+            raise DataError(where, f"ranks[{k}]", f"expected an integer in [0, {INT32_MAX}], got {rank!r}")
     if len(ranks) != len(responses):
         raise DataError(where, "ranks", f"{len(ranks)} ranks for {len(responses)} responses")
     if len(set(ranks)) < 2:
@@ -172,8 +190,9 @@ def _ratings(value, count: int, where: Where) -> list[float] | None:
     if not isinstance(value, list) or len(value) != count:
         raise DataError(where, "ratings", f"expected a list of {count} numbers (one per response), got {value!r}")
     for k, rating in enumerate(value):
-        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or rating != rating:
-            raise DataError(where, f"ratings[{k}]", f"expected a number, got {rating!r}")
+        if not _is_stored_float(rating):
+            raise DataError(where, f"ratings[{k}]", f"expected a finite number (|x| < {FLOAT32_MAX:.3g}), "
+                            f"got {rating!r}")
     return [float(r) for r in value]
 
 

@@ -97,6 +97,7 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "byt
         _write_chunk(chunk, tok, writer, tally, skipped, max_length=max_length, truncation=truncation,
                      skip_bad=skip_bad)
         shards = writer.close()
+        _check_usable(inputs, tally, skipped, max_length)
         manifest = _manifest(inputs, tok, shards, tally, skipped, max_length=max_length, truncation=truncation,
                              shard_size_mb=shard_size_mb, rows_per_shard=rows_per_shard, seed=seed)
         atomic_write_json(tmp / MANIFEST, manifest)
@@ -109,6 +110,8 @@ class _Tally:
     def __init__(self):
         self.groups = self.sequences = self.pairs = 0
         self.truncated_groups = self.truncated_sequences = 0
+        self.groups_with_context = 0
+        self.contexts_cut_away = 0  # groups with a context of which truncation kept nothing
         self.sources: Counter[str] = Counter()
         self.formats: Counter[str] = Counter()
         self.per_input: dict[str, Counter] = {}
@@ -129,11 +132,37 @@ class _Tally:
             for r in responses:
                 stats["response"].add(len(r))
                 stats["sequence"].add(len(context) + len(r) + 1)
+        if before[0]:
+            self.groups_with_context += 1
+            self.contexts_cut_away += not row["context_ids"]
         if truncated:
             self.truncated_groups += 1
             cut_context = len(before[0]) - len(row["context_ids"])
             self.truncated_sequences += sum(cut_context + len(a) - len(b) > 0
                                             for a, b in zip(before[1], row["response_ids"]))
+
+
+def _check_usable(inputs: list[str], tally: "_Tally", skipped: list[dict], max_length: int) -> None:
+    """No silent 0: inputs without one usable group are an error; files or contexts lost are said loudly."""
+    names = ", ".join(inputs)
+    if tally.groups == 0:
+        if skipped:
+            first = skipped[0]
+            why = (f"all {len(skipped)} rows were bad, e.g. {first['file']}:{first['line']}: field "
+                   f"{first['field']!r}: {first['reason']}")
+        else:
+            why = "no rows"
+        raise ValueError(f"{names}: no usable comparison groups ({why})")
+    for file in inputs:
+        if not tally.per_input.get(file, Counter())["groups"]:
+            bad = sum(s["file"] == file for s in skipped)
+            log.warning("%s: contributes no groups (%d bad rows skipped)", file, bad)
+    if tally.contexts_cut_away and tally.contexts_cut_away == tally.groups_with_context:
+        raise ValueError(f"{names}: max_length={max_length} leaves no context in any of the {tally.groups_with_context} "
+                         f"groups that have one (truncation keeps the responses); raise max_length")
+    if tally.contexts_cut_away:
+        log.warning("%s: max_length=%d leaves no context in %d of %d groups (their responses are scored "
+                    "without it)", names, max_length, tally.contexts_cut_away, tally.groups_with_context)
 
 
 def _write_chunk(chunk, tok, writer, tally, skipped, *, max_length, truncation, skip_bad) -> None:
@@ -148,11 +177,13 @@ def _write_chunk(chunk, tok, writer, tally, skipped, *, max_length, truncation, 
         context = next(ids)
         responses = [next(ids) for _ in group.responses]
         try:
-            for k, r in enumerate(responses):
-                if not r:
-                    raise DataError(where, response_field(fmt, k), "the response tokenizes to no tokens")
             cut_context, cut_responses, truncated = truncate(context, responses, max_length, truncation,
                                                              where=where, fmt=fmt)
+            if len(set(map(tuple, cut_responses))) == 1 and len(cut_responses) > 1:
+                raise DataError(where, response_field(fmt, len(responses) - 1),
+                                f"the responses are identical once truncated to max_length={max_length} "
+                                f"(their differences lie before the last {max(map(len, cut_responses))} tokens "
+                                f"kept); raise max_length")
         except DataError as err:
             if not skip_bad:
                 raise
@@ -183,7 +214,8 @@ def _manifest(inputs, tok, shards, tally: _Tally, skipped, **options) -> dict:
         "tokenizer": identity,
         "max_length": options["max_length"],
         "truncation": {"policy": options["truncation"], "truncated_groups": tally.truncated_groups,
-                       "truncated_sequences": tally.truncated_sequences},
+                       "truncated_sequences": tally.truncated_sequences,
+                       "contexts_cut_away": tally.contexts_cut_away},
         "sources": dict(sorted(tally.sources.items())),
         "formats": dict(sorted(tally.formats.items())),
         "inputs": [{"file": f, "groups": tally.per_input.get(f, Counter())["groups"],

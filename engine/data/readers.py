@@ -14,11 +14,15 @@ A labelled response (prompt/response/label) is a bad row here unless the caller 
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Iterator
+
+import pyarrow as pa
 
 from rankpm.engine.data.errors import DataError, Where
 from rankpm.engine.data.formats import parse_row
@@ -43,32 +47,48 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[Where, object]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Where, object]]:
-    opener = gzip.open if path.suffix.lower() == ".gz" else open  # HH-RLHF ships as train.jsonl.gz
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = Where(str(path), lineno)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield where, DataError(where, "<json>", f"not UTF-8 ({err.reason} at byte {err.start})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError as err:
-                hint = " (a JSON array file? write one object per line)" if text.lstrip().startswith("[") else ""
-                yield where, DataError(where, "<json>", f"invalid JSON: {err.msg} at column {err.colno}{hint}")
+    compressed = path.suffix.lower() == ".gz"  # HH-RLHF ships as train.jsonl.gz
+    lineno = 0
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                yield from _jsonl_row(path, lineno, raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        # not a row to skip: everything after this point of the file is lost
+        raise DataError(Where(str(path), lineno + 1), "<gzip>",
+                        f"truncated or corrupt gzip file ({err}); download or copy it again") from None
+
+
+def _jsonl_row(path: Path, lineno: int, raw: bytes) -> Iterator[tuple[Where, object]]:
+    where = Where(str(path), lineno)
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # written by many Windows tools
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        yield where, DataError(where, "<json>", f"not UTF-8 ({err.reason} at byte {err.start})")
+        return
+    if not text.strip():
+        return
+    try:
+        yield where, json.loads(text)
+    except json.JSONDecodeError as err:
+        hint = " (a JSON array file? write one object per line)" if text.lstrip().startswith("[") else ""
+        yield where, DataError(where, "<json>", f"invalid JSON: {err.msg} at column {err.colno}{hint}")
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[Where, object]]:
     import pyarrow.parquet as pq
 
     index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield Where(str(path), index, unit="row"), row
-            index += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield Where(str(path), index, unit="row"), row
+                index += 1
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(Where(str(path), index, unit="row"), "<parquet>",
+                        f"unreadable Parquet ({err}); is the file complete?") from None
 
 
 def iter_groups(paths, *, skip_bad: bool = False, skipped: list | None = None,

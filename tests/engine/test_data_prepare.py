@@ -4,6 +4,7 @@ import json
 import pyarrow as pa
 import pytest
 
+from rankpm.engine.data.collate import collate
 from rankpm.engine.data.errors import DataError, Where
 from rankpm.engine.data.prepare import main, prepare, truncate
 from rankpm.engine.data.schema import SCHEMA_VERSION, SHARD_SCHEMA
@@ -78,7 +79,8 @@ def test_truncation_is_counted_or_an_error(tmp_path):
     _, stored = read_shards(tmp_path / "left")
     assert stored[0]["context_ids"] == [ord("c")] * 21 and stored[0]["response_ids"] == [[97] * 10, [98] * 5]
     assert stored[2]["context_ids"] == [] and stored[2]["response_ids"] == [[97] * 31, [98]]
-    assert manifest["truncation"] == {"policy": "left", "truncated_groups": 2, "truncated_sequences": 4}
+    assert manifest["truncation"] == {"policy": "left", "truncated_groups": 2, "truncated_sequences": 4,
+                                      "contexts_cut_away": 1}
     assert manifest["lengths"]["sequence"]["max"] == 32
     assert manifest["lengths_before_truncation"]["sequence"]["max"] == 61
     with pytest.raises(DataError, match=r"long.jsonl:1: field 'chosen': sequence of 61 tokens"):
@@ -86,6 +88,61 @@ def test_truncation_is_counted_or_an_error(tmp_path):
     skipped = prepare([src], tmp_path / "skip", "bytes", max_length=32, truncation="error", skip_bad=True)
     assert skipped["counts"]["groups"] == 1
     assert [(s["line"], s["field"]) for s in skipped["skipped"]] == [(1, "chosen"), (3, "chosen")]
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_an_empty_response_is_stored_and_scored_right_after_the_context(tmp_path):
+    src = write_rows(tmp_path / "hh.jsonl", [{"prompt": "ab", "chosen": "", "rejected": "c"}])
+    prepare([src], tmp_path / "out", "bytes", max_length=16)
+    _, [row] = read_shards(tmp_path / "out")
+    assert row["context_ids"] == [97, 98] and row["response_ids"] == [[], [99]]
+    batch = collate([row], pad_id=256, eoc_id=257)
+    assert batch.score_index.tolist() == [2, 3] and batch.input_ids[0, :3].tolist() == [97, 98, 257]
+
+
+def test_responses_that_truncation_makes_identical_are_a_bad_row(tmp_path):
+    src = write_rows(tmp_path / "long.jsonl", [{"prompt": "p", "chosen": "A" + "x" * 40, "rejected": "B" + "x" * 40},
+                                               {"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"long.jsonl:1: field 'rejected': the responses are identical once "
+                                        r"truncated to max_length=32"):
+        prepare([src], tmp_path / "out", "bytes", max_length=32)
+    manifest = prepare([src], tmp_path / "out", "bytes", max_length=32, skip_bad=True)
+    assert manifest["counts"]["groups"] == 1 and manifest["skipped"][0]["line"] == 1
+
+
+def test_inputs_without_a_usable_row_are_an_error_not_an_empty_folder(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl: no usable comparison groups \(no rows\)"):
+        prepare([empty], tmp_path / "out", "bytes")
+    bad = write_rows(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a"}] * 3)
+    with pytest.raises(ValueError, match=r"bad.jsonl: no usable comparison groups \(all 3 rows were bad, "
+                                         r"e.g. .*bad.jsonl:1: field 'rejected': missing\)"):
+        prepare([bad], tmp_path / "out", "bytes", skip_bad=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_contributes_nothing_is_said_loudly(tmp_path, caplog):
+    good = write_rows(tmp_path / "good.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    bad = write_rows(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a"}])
+    manifest = prepare([good, bad], tmp_path / "out", "bytes", skip_bad=True)
+    assert manifest["inputs"][1] == {"file": str(bad), "groups": 0, "skipped": 1}
+    assert f"{bad}: contributes no groups (1 bad rows skipped)" in caplog.text
+
+
+def test_a_max_length_that_cuts_every_context_away_is_an_error(tmp_path, caplog):
+    long_response = {"prompt": "a long context", "chosen": "x" * 15, "rejected": "y"}  # 15 + eoc = 16: no room
+    alone = write_rows(tmp_path / "alone.jsonl", [long_response])
+    with pytest.raises(ValueError, match=r"max_length=16 leaves no context in any of the 1 groups"):
+        prepare([alone], tmp_path / "out", "bytes", max_length=16)
+    mixed = write_rows(tmp_path / "mixed.jsonl", [long_response, {"prompt": "ctx", "chosen": "x", "rejected": "y"}])
+    manifest = prepare([mixed], tmp_path / "out", "bytes", max_length=16)  # one of two: said and counted
+    assert manifest["truncation"]["contexts_cut_away"] == 1
+    assert "max_length=16 leaves no context in 1 of 2 groups" in caplog.text
 
 
 def test_shards_stay_within_their_size_and_row_limits(tmp_path):

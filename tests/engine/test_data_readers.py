@@ -108,12 +108,19 @@ SHARED = "\n\nHuman: Hi\n\nAssistant:"
 BAD_ROWS = [  # (row, field named in the error, words of the reason)
     ("{not json", "<json>", "invalid JSON"),
     ({"prompt": "P", "chosen": "a"}, "rejected", "missing"),
-    ({"prompt": "P", "chosen": "  ", "rejected": "b"}, "chosen", "empty response"),
+    ({"prompt": "P", "chosen": "b", "rejected": "b"}, "rejected", "chosen and rejected are identical"),
     ({"prompt": "P", "chosen": 3, "rejected": "b"}, "chosen", "expected a string"),
     ({"prompt": 5, "chosen": "a", "rejected": "b"}, "prompt", "expected a string"),
     ({"prompt": "P", "responses": ["a", "b"], "ranks": [1, 1]}, "ranks", "fewer than two distinct ranks"),
     ({"prompt": "P", "responses": ["a", "b", "c"], "ranks": [0, 1]}, "ranks", "2 ranks for 3 responses"),
-    ({"prompt": "P", "responses": ["a", ""], "ranks": [0, 1]}, "responses[1]", "empty response"),
+    ({"prompt": "P", "responses": ["a", "a", "a"], "ranks": [0, 1, 2]}, "responses[2]",
+     "all 3 responses are identical"),
+    ({"prompt": "P", "responses": ["a", "b"], "ranks": [0, 10**30]}, "ranks[1]", "expected an integer in [0, 2147483647]"),
+    ({"prompt": "P", "responses": ["a", "b"], "ranks": [-1, 0]}, "ranks[0]", "expected an integer in [0, 2147483647]"),
+    ('{"prompt": "P", "chosen": "a", "rejected": "b", "margin": NaN}', "margin", "expected a finite number"),
+    ({"prompt": "P", "chosen": "a", "rejected": "b", "margin": 1e39}, "margin", "expected a finite number"),
+    ('{"prompt": "P", "responses": ["a", "b"], "ratings": [1, Infinity]}', "ratings[1]", "expected a finite number"),
+    ({"prompt": "P", "chosen": "a", "rejected": "b", "turns": 10**30}, "turns", "expected an integer in [1, 2147483647]"),
     ({"prompt": "P", "responses": ["a", 7], "ranks": [0, 1]}, "responses[1]", "expected a string"),
     ({"prompt": "P", "responses": ["a", "b"], "ranks": [0, "1"]}, "ranks[1]", "expected an integer"),
     ({"chosen": "no dialogue here", "rejected": "another text"}, "chosen", "unsplittable"),
@@ -125,10 +132,10 @@ BAD_ROWS = [  # (row, field named in the error, words of the reason)
      "differ before the final assistant message"),
     ({"prompt": [{"role": "robot", "content": "A"}], "chosen": "a", "rejected": "b"}, "prompt[0].role", "robot"),
     ({"text": "hello"}, "<row>", "unrecognised row"),
-    ({"prompt": "P", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "expected a number"),
+    ({"prompt": "P", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "expected a finite number"),
     ({"prompt": "P", "response": "a", "label": True}, "label", "objective.name=binary"),
     ({"prompt": "P", "responses": ["a", "b"], "ratings": [1]}, "ratings", "expected a list of 2 numbers"),
-    ({"prompt": "P", "responses": ["a", "b"], "ratings": [1, "x"]}, "ratings[1]", "expected a number"),
+    ({"prompt": "P", "responses": ["a", "b"], "ratings": [1, "x"]}, "ratings[1]", "expected a finite number"),
     ({"prompt": "P", "responses": ["a", "b"], "ratings": [2, 2]}, "ranks", "fewer than two distinct ranks"),
     ({"prompt": "P", "responses": ["a", "b"], "ranks": [0, 1], "ratings": [1, 3]}, "ratings",
      "margin would be negative"),
@@ -161,7 +168,6 @@ LABELLED_BAD_ROWS = [
     ({"prompt": "P", "response": "a", "label": "maybe"}, "label", "expected true/false"),
     ({"prompt": "P", "response": "a", "label": 2}, "label", "expected true/false"),
     ({"prompt": "P", "response": "a"}, "label", "missing"),
-    ({"prompt": "P", "response": " ", "label": False}, "response", "empty response"),
     ({"response": "a", "label": False}, "context", "missing"),
     ({"prompt": "P", "response": "a", "label": False, "margin": 1.0}, "margin", "no ranked pair"),
 ]
@@ -176,8 +182,46 @@ def test_a_bad_labelled_row_names_its_field(tmp_path, row, field, reason):
 
 def test_parquet_errors_name_the_row_index(tmp_path):
     path = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"prompt": ["P", "P"], "chosen": ["a", ""], "rejected": ["b", "c"]}), path)
-    with pytest.raises(DataError, match=r"bad.parquet: row 1: field 'chosen': empty response"):
+    pq.write_table(pa.table({"prompt": ["P", "P"], "chosen": ["a", "c"], "rejected": ["b", "c"]}), path)
+    with pytest.raises(DataError, match=r"bad.parquet: row 1: field 'rejected': chosen and rejected are identical"):
+        list(read_groups([path]))
+
+
+def test_an_empty_response_is_a_response(tmp_path):
+    """HH-RLHF's harmless-base prefers an empty final assistant turn at times: saying nothing."""
+    shared = "\n\nHuman: How do I pick a lock?\n\nAssistant:"
+    f = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": shared, "rejected": shared + " Take a tension wrench."},
+                                            {"prompt": "P", "responses": ["", " a", " b"], "ranks": [0, 1, 2]}])
+    a, b = read_groups([f])
+    assert (a.context, a.responses) == (shared, ["", " Take a tension wrench."])
+    assert b.responses == ["", " a", " b"]
+
+
+def test_a_byte_order_mark_opens_a_file_like_any_other(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "P", "chosen": "a", "rejected": "b"}).encode() + b"\n")
+    assert [g.responses for g in read_groups([path])] == [["a", "b"]]
+
+
+def test_a_truncated_gzip_file_names_the_file_and_where_it_ends(tmp_path):
+    import gzip
+
+    rows = "".join(json.dumps({"prompt": f"P{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(2000))
+    whole = gzip.compress(rows.encode())
+    path = tmp_path / "train.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"train.jsonl.gz:\d+: field '<gzip>': truncated or corrupt gzip file"):
+        list(read_groups([path], skip_bad=True, skipped=[]))  # not a row to skip
+    path.write_bytes(b"plain text, not gzip\n")
+    with pytest.raises(DataError, match=r"train.jsonl.gz:1: field '<gzip>': truncated or corrupt gzip file"):
+        list(read_groups([path]))
+
+
+def test_a_corrupt_parquet_file_is_named(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": ["P"] * 100, "chosen": ["a"] * 100, "rejected": ["b"] * 100}), path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"pairs.parquet: row 0: field '<parquet>': unreadable Parquet"):
         list(read_groups([path]))
 
 

@@ -13,7 +13,7 @@ def test_binary_run_mixes_ranked_and_labelled_rows_and_its_manifest_lists_rows_t
         {"prompt": "Q1", "responses": [" a", " b", " c"], "ranks": [0, 1, 1]},  # 2 pairs -> 4 label pairs
         {"prompt": "Q2", "response": " fine", "label": "good"},  # 1 label pair
         {"prompt": "Q3", "response": " rude", "label": "maybe"},  # bad label: skipped
-        {"prompt": "Q4", "chosen": " x", "rejected": ""},  # empty response: skipped
+        {"prompt": "Q4", "chosen": " x", "rejected": " x"},  # identical responses: skipped
     ]
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
