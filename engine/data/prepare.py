@@ -26,7 +26,8 @@ from rankpm.engine.data.formats import response_field
 from rankpm.engine.data.readers import iter_groups, read_groups
 from rankpm.engine.data.schema import SCHEMA_VERSION, ComparisonGroup
 from rankpm.engine.data.shards import LengthStats, ShardWriter
-from rankpm.engine.data.tokenizer import build_tokenizer
+from rankpm.engine.data.tokenizer import build_tokenizer, load_tokenizer
+from rankpm.engine.fingerprint import file_identity, tokenizer_key
 from rankpm.engine.io import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,27 @@ def truncate(context: list[int], responses: list[list[int]], max_length: int, po
     return context, responses, True
 
 
+def tokenizer_request(spec: str) -> dict:
+    """The tokenizer a spec names, as the identity that decides token ids; "bpe:<N>" is trained
+    on the inputs (whose hashes the request holds), so the spec itself stands for it."""
+    if str(spec).startswith("bpe:"):
+        return {"trained": str(spec)}
+    return tokenizer_key(load_tokenizer(spec).identity())
+
+
+def prepare_request(inputs: list[str | Path], tokenizer: str, *, max_length: int, truncation: str,
+                    skip_bad: bool, transform: dict | None = None) -> dict:
+    """Everything that shapes a prepared folder, recorded in its manifest and compared by whoever
+    would reuse it: the inputs' contents, the tokenizer, every setting, the schema version."""
+    return {"schema_version": SCHEMA_VERSION, "inputs": [file_identity(p) for p in inputs],
+            "tokenizer": tokenizer_request(tokenizer), "max_length": max_length, "truncation": truncation,
+            "skip_bad": skip_bad, "transform": transform or {"name": "none"}}
+
+
 def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "bytes", *, max_length: int = 512,
             truncation: str = "left", shard_size_mb: float = 64.0, rows_per_shard: int | None = None,
-            skip_bad: bool = False, seed: int = 0, skipped_before: list[dict] | None = None) -> dict:
+            skip_bad: bool = False, seed: int = 0, skipped_before: list[dict] | None = None,
+            request: dict | None = None) -> dict:
     """Tokenize ``inputs`` into ``out_dir``; return the manifest.
 
     ``tokenizer``: "bytes", "bpe:<vocab size>" (trained on these inputs) or a tokenizer
@@ -64,6 +83,8 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "byt
     recorded only: preparation is deterministic and keeps the input order.
     ``skipped_before``: bad rows an earlier step (a pair transform) skipped on the way to
     ``inputs``; the manifest lists them with the rest.
+    ``request``: what the caller asked for (``prepare_request``; the caller's own inputs,
+    before any transform), recorded in the manifest; by default the request of these inputs.
     """
     inputs = [str(p) for p in inputs]
     out_dir = Path(out_dir)
@@ -81,6 +102,12 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "byt
             yield group.context
             yield from group.responses
 
+    for path in inputs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such input file")
+    if request is None:
+        request = prepare_request(inputs, str(tokenizer), max_length=max_length, truncation=truncation,
+                                  skip_bad=skip_bad)
     tok = build_tokenizer(str(tokenizer), texts)
     skipped: list[dict] = list(skipped_before or [])
     with atomic_dir(out_dir) as tmp:
@@ -100,6 +127,7 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "byt
         _check_usable(inputs, tally, skipped, max_length)
         manifest = _manifest(inputs, tok, shards, tally, skipped, max_length=max_length, truncation=truncation,
                              shard_size_mb=shard_size_mb, rows_per_shard=rows_per_shard, seed=seed)
+        manifest["request"] = request
         atomic_write_json(tmp / MANIFEST, manifest)
     if skipped:
         log.warning("prepare %s: skipped %d bad rows (listed in %s)", out_dir, len(skipped), out_dir / MANIFEST)

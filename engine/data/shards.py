@@ -8,13 +8,13 @@ a shard of its own.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 
 from rankpm.engine.data.schema import SHARD_SCHEMA
+from rankpm.engine.fingerprint import file_sha256
 
 SHARD_PATTERN = "shard_{:05d}.arrow"
 BATCH_HEADER_BYTES = 1024  # an IPC record-batch message header, with room
@@ -84,14 +84,6 @@ class ShardWriter:
         self.shards.append({"file": self._name, "rows": self._rows, "bytes": path.stat().st_size,
                             "sha256": file_sha256(path)})
         self._sink = self._writer = None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class LengthStats:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rankpm.engine.config import ModelConfig
+from rankpm.engine.fingerprint import require_same, tokenizer_key
 from rankpm.engine.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -111,15 +112,20 @@ class PreferenceModel(nn.Module):
 
     @classmethod
     def build(cls, cfg: ModelConfig, *, vocab_size: int, pad_id: int, eoc_id: int,
-              max_length: int, with_lm_head: bool = False) -> "PreferenceModel":
+              max_length: int, with_lm_head: bool = False, tokenizer: dict | None = None) -> "PreferenceModel":
         """A backbone from a local folder, or from a model type with random init.
 
         With ``cfg.init_from`` (a rankpm model folder, e.g. a previous stage's OUT_DIR/model)
         the whole preference model, score head included, starts from those weights.
+        ``tokenizer``: the identity of the tokenizer the data was made with; a model folder or
+        backbone folder that ships another tokenizer is refused, naming both.
         """
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         if cfg.init_from:
+            if tokenizer is not None:
+                require_same("the tokenizer", f"model.init_from {cfg.init_from}",
+                             tokenizer_key(folder_tokenizer(cfg.init_from)), "the run's data", tokenizer_key(tokenizer))
             model = cls.load(cfg.init_from, with_lm_head=with_lm_head)
             have = model.transformer.get_input_embeddings().num_embeddings
             if have < vocab_size:
@@ -134,6 +140,11 @@ class PreferenceModel(nn.Module):
         if folder.is_dir():
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"model.backbone: {folder} holds no config.json")
+            if tokenizer is not None and any((folder / name).is_file() for name in TOKENIZER_FILES):
+                from rankpm.engine.data.tokenizer import load_tokenizer
+                require_same("the tokenizer", f"model.backbone {folder} (its own tokenizer)",
+                             tokenizer_key(load_tokenizer(folder).identity()),
+                             "the run's data (data.tokenizer)", tokenizer_key(tokenizer))
             transformer = auto.from_pretrained(folder, local_files_only=True, **cfg.overrides)
             limit = getattr(transformer.config, "max_position_embeddings", None)
             if limit is not None and limit < max_length:
@@ -151,11 +162,14 @@ class PreferenceModel(nn.Module):
                          "embd_pdrop", "attn_pdrop", "attention_dropout"):
                 options[name] = cfg.dropout
             options.update(cfg.overrides)
+            if any(sep in cfg.backbone for sep in ("/", "\\")) or cfg.backbone.startswith((".", "~")):
+                raise FileNotFoundError(f"model.backbone: {cfg.backbone} does not exist (a local model folder "
+                                        f"was meant; nothing is downloaded)")
             try:
                 config = AutoConfig.for_model(cfg.backbone, **options)
-            except ValueError as err:
-                raise ValueError(f"model.backbone: {cfg.backbone!r} is neither a local folder nor a "
-                                 f"transformers model type ({err})") from None
+            except ValueError:  # transformers' message lists every model type it knows
+                raise ValueError(f"model.backbone: {cfg.backbone!r} is neither a local folder nor a transformers "
+                                 f"model type (e.g. gpt2, llama, mistral, qwen2, bert)") from None
             transformer = auto.from_config(config)
         if cfg.gradient_checkpointing:
             transformer.gradient_checkpointing_enable()
@@ -164,11 +178,12 @@ class PreferenceModel(nn.Module):
     def save(self, directory: str | Path, extra: dict | None = None, tokenizer_dir: str | Path | None = None) -> None:
         """Write a self-contained model folder (transformers files, score head, tokenizer), atomically."""
         with atomic_dir(directory) as tmp:
+            meta = {"format": 1, "has_lm_head": self.has_lm_head, **(extra or {})}
             if tokenizer_dir is not None:
                 shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+                meta["tokenizer"] = folder_tokenizer(tmp)
             self.transformer.save_pretrained(tmp, safe_serialization=True)
             torch.save(self.score_head.state_dict(), tmp / HEAD_FILE)
-            meta = {"format": 1, "has_lm_head": self.has_lm_head, **(extra or {})}
             (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -197,3 +212,26 @@ class PreferenceModel(nn.Module):
     @staticmethod
     def read_meta(directory: str | Path) -> dict:
         return json.loads((Path(directory) / MODEL_FILE).read_text())
+
+
+# Files by which a backbone folder ships a tokenizer of its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def folder_tokenizer(directory: str | Path) -> dict:
+    """The identity of a model folder's tokenizer/, checked against the one the model recorded
+    when it was saved (a replaced tokenizer folder would give other token ids)."""
+    from rankpm.engine.data.tokenizer import META_FILE
+
+    directory = Path(directory)
+    path = directory / "tokenizer" / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no tokenizer/{META_FILE}; a rankpm model folder carries the "
+                                f"tokenizer it was trained with")
+    identity = json.loads(path.read_text())["identity"]
+    meta_path = directory / MODEL_FILE
+    recorded = json.loads(meta_path.read_text()).get("tokenizer") if meta_path.is_file() else None
+    if recorded is not None:
+        require_same("the tokenizer", f"{meta_path} (recorded at save)", tokenizer_key(recorded),
+                     f"{directory / 'tokenizer'}", tokenizer_key(identity))
+    return identity

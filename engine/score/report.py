@@ -187,6 +187,9 @@ def report_model_folder(model_dir: str | Path, data_dir: str | Path, *, judge: s
     from rankpm.engine.score.judges import judge_for_objective
     from rankpm.engine.model.preference_model import PreferenceModel
 
+    from rankpm.engine.score.scorer import check_data_for_model
+
+    check_data_for_model(Path(model_dir), Path(data_dir))
     meta = PreferenceModel.read_meta(model_dir)
     if judge is None:
         judge = judge_for_objective(meta.get("config", {}).get("objective", {}).get("name", "ranked"))

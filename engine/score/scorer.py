@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import torch
 
 from rankpm.engine.data.collate import collate
 from rankpm.engine.data.tokenizer import load_tokenizer
+from rankpm.engine.fingerprint import MismatchError, require_same, tokenizer_key
+from rankpm.engine.model.preference_model import MODEL_FILE, PreferenceModel, folder_tokenizer
 from rankpm.engine.score.evaluate import evaluate
-from rankpm.engine.model.preference_model import MODEL_FILE, PreferenceModel
 from rankpm.engine.train.strategy import LocalStrategy
 
 MANIFEST = "manifest.json"
@@ -33,8 +35,13 @@ class RewardScorer:
         directory = resolve_model_folder(directory)
         meta = PreferenceModel.read_meta(directory)
         max_length = meta["config"]["data"]["max_length"]
-        return cls(PreferenceModel.load(directory), load_tokenizer(str(directory / "tokenizer")),
-                   max_length=max_length, device=device, score_stats=meta.get("score_stats"))
+        folder_tokenizer(directory)  # the tokenizer it was saved with, unchanged
+        model, tokenizer = PreferenceModel.load(directory), load_tokenizer(str(directory / "tokenizer"))
+        embeddings = model.transformer.get_input_embeddings().num_embeddings
+        if tokenizer.vocab_size > embeddings:
+            raise MismatchError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                                f"{embeddings} token embeddings")
+        return cls(model, tokenizer, max_length=max_length, device=device, score_stats=meta.get("score_stats"))
 
     @torch.no_grad()
     def score(self, context: str, responses: list[str], normalize: str = "none") -> list[float]:
@@ -78,6 +85,19 @@ def resolve_model_folder(path: str | Path) -> Path:
                             f"(OUT_DIR/checkpoints/step_N) nor a run folder (OUT_DIR)")
 
 
+def check_data_for_model(model_dir: Path, data_dir: Path) -> None:
+    """Prepared data must carry the model's token ids and fit its positions; never an accuracy
+    computed on the wrong token ids."""
+    manifest = json.loads((Path(data_dir) / MANIFEST).read_text())
+    require_same("the tokenizer", f"model folder {model_dir}", tokenizer_key(folder_tokenizer(model_dir)),
+                 f"prepared data {data_dir}", tokenizer_key(manifest["tokenizer"]))
+    limit = PreferenceModel.read_meta(model_dir)["config"]["data"]["max_length"]
+    if manifest["max_length"] > limit:
+        raise MismatchError(f"prepared data {data_dir} has sequences of up to max_length={manifest['max_length']} "
+                            f"tokens, model folder {model_dir} was trained with max_length={limit}; prepare the data "
+                            f"again with --max-length {limit}, or give the input files")
+
+
 def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: str | Path | None = None,
                           batch_groups: int = 64, skip_bad: bool = False, report_dir: str | Path | None = None,
                           judge: str | None = None) -> dict:
@@ -98,7 +118,9 @@ def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: st
     judge = judge or judge_for_objective(objective.get("name", "ranked"))
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(data[0]) if len(data) == 1 and (Path(data[0]) / MANIFEST).is_file() else None
-        if data_dir is None:
+        if data_dir is not None:
+            check_data_for_model(model_dir, data_dir)
+        else:
             data_dir = Path(out_dir or scratch) / "data"
             inputs, skipped = list(data), []
             if judge == "binary":

@@ -81,14 +81,15 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
     """
     strategy = strategy or local_strategy(cfg)
     out_dir = Path(cfg.train.out_dir)
-    data = resolve_run_data(cfg, strategy)
+    checkpoint = latest_checkpoint(out_dir)
+    data = resolve_run_data(cfg, strategy, keep_prepared=checkpoint is not None)
     tokenizer = load_tokenizer(str(data.tokenizer_dir))
     objective = build_objective(cfg.objective)
 
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = PreferenceModel.build(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                   eoc_id=tokenizer.eoc_id, max_length=cfg.data.max_length,
-                                  with_lm_head=objective.needs_lm_head)
+                                  with_lm_head=objective.needs_lm_head, tokenizer=tokenizer.identity())
     stream = ComparisonStream(data.train_dir, rank=strategy.rank, world_size=strategy.world_size,
                               seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                               batch_groups=cfg.data.batch_groups, max_tokens=cfg.data.max_tokens, loop=True)
@@ -101,7 +102,6 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
     step, pairs_seen, tokens_seen = 0, 0, 0
     resumed: dict = {}
     rank_seed = cfg.train.seed + 7919 * strategy.rank  # per-rank dropout streams
-    checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
         trainer_state, readers = load_checkpoint(strategy, checkpoint, fresh_seed=rank_seed)
         step, pairs_seen, tokens_seen = (trainer_state["step"], trainer_state["pairs_seen"],

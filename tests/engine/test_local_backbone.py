@@ -54,3 +54,33 @@ def test_local_model_folder_trains_on_hh_style_transcripts(tmp_path, arch):
     assert summary["eval_accuracy"] > 0.7, summary
     manifest = json.loads((tmp_path / "run" / "data" / "train" / "manifest.json").read_text())
     assert manifest["tokenizer"]["added_tokens"]  # the end-of-context token was added; embeddings grew
+
+
+def test_a_backbone_folder_with_its_own_tokenizer_refuses_data_made_with_another(tmp_path):
+    from rankpm.engine.config import ModelConfig
+    from rankpm.engine.data.tokenizer import load_tokenizer
+    from rankpm.engine.fingerprint import MismatchError
+    from rankpm.engine.model.preference_model import PreferenceModel
+
+    folder = local_model_folder(tmp_path / "my-model", ["a few words to learn from"] * 20, "llama")
+    ours, theirs = load_tokenizer("bytes"), load_tokenizer(folder)
+    cfg = ModelConfig(backbone=str(folder))
+    with pytest.raises(MismatchError, match=r"the tokenizer differs between model.backbone .*my-model \(its own "
+                                            r"tokenizer\) and the run's data \(data.tokenizer\): .*kind: "
+                                            r"'transformers' vs 'bytes'"):
+        PreferenceModel.build(cfg, vocab_size=ours.vocab_size, pad_id=ours.pad_id, eoc_id=ours.eoc_id, max_length=64,
+                              tokenizer=ours.identity())
+    model = PreferenceModel.build(cfg, vocab_size=theirs.vocab_size, pad_id=theirs.pad_id, eoc_id=theirs.eoc_id,
+                                  max_length=64, tokenizer=theirs.identity())
+    assert model.transformer.get_input_embeddings().num_embeddings == theirs.vocab_size
+
+
+def test_a_backbone_path_that_does_not_exist_says_so(tmp_path):
+    from rankpm.engine.config import ModelConfig
+    from rankpm.engine.model.preference_model import PreferenceModel
+
+    with pytest.raises(FileNotFoundError, match=r"model.backbone: ./no-such-model does not exist"):
+        PreferenceModel.build(ModelConfig(backbone="./no-such-model"), vocab_size=300, pad_id=0, eoc_id=1, max_length=64)
+    with pytest.raises(ValueError, match=r"model.backbone: 'gtp2' is neither a local folder nor a transformers model "
+                                         r"type \(e.g. gpt2, llama, mistral, qwen2, bert\)$"):
+        PreferenceModel.build(ModelConfig(backbone="gtp2"), vocab_size=300, pad_id=0, eoc_id=1, max_length=64)
