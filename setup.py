@@ -25,7 +25,7 @@ setup(
     packages=list(PACKAGES),
     package_dir=ROOTS,
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "triton>=3.0",
         "deepspeed>=0.15",
         "ray[default,train]>=2.30",

@@ -16,21 +16,25 @@ stopped here; nothing has to be started by hand.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 
 import ray
+import torch
 
 from rankpm.cluster.progress import DriverProgress
-from rankpm.engine.train.checkpoint import latest_checkpoint
 from rankpm.engine.config import RunConfig
+from rankpm.engine.data.run_data import resolve_run_data
 from rankpm.engine.data.stream import UNEVEN_BATCHES
+from rankpm.engine.train.checkpoint import latest_checkpoint, read_trainer_state
 from rankpm.engine.train.deepspeed_strategy import resize_refusal
+from rankpm.engine.train.resume import check_resume
+from rankpm.engine.train.run_lock import run_lock
+from rankpm.engine.train.strategy import LocalStrategy
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +103,26 @@ def train_many_on_ray(cfgs: list[RunConfig], *, dashboard: bool = False, on_reco
     ``zero_stage``, ``offload_optimizer``, ``activation_checkpointing`` and ``deepspeed_config``,
     which each run's DeepSpeed engine takes for itself.
     """
+    cfgs = [absolute_paths(cfg) for cfg in cfgs]
+    c = cfgs[0].cluster
+    with contextlib.ExitStack() as locks:
+        for cfg in cfgs:  # the driver holds each run folder for the workers' whole life
+            locks.enter_context(run_lock(cfg.train.out_dir))
+        for cfg in cfgs:
+            shape = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures")
+            if any(getattr(cfg.cluster, k) != getattr(c, k) for k in shape):
+                raise ValueError(f"runs sharing a worker group must agree on cluster.{', cluster.'.join(shape)}")
+            preflight(cfg)
+        return _fit(cfgs, dashboard=dashboard, on_record=on_record)
+
+
+def _fit(cfgs: list[RunConfig], *, dashboard: bool, on_record) -> list[dict]:
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rankpm.cluster.worker import run_rank
 
-    cfgs = [absolute_paths(cfg) for cfg in cfgs]
     c = cfgs[0].cluster
-    for cfg in cfgs:
-        shape = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures")
-        if any(getattr(cfg.cluster, k) != getattr(c, k) for k in shape):
-            raise ValueError(f"runs sharing a worker group must agree on cluster.{', cluster.'.join(shape)}")
-        preflight(cfg)
     started = connect(cfgs[0], dashboard=dashboard)
     out_dir = Path(cfgs[0].train.out_dir)
     try:
@@ -162,11 +174,17 @@ def train_many_on_ray(cfgs: list[RunConfig], *, dashboard: bool = False, on_reco
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Refuse, before any worker starts, what every worker would refuse (and Ray would retry)."""
+    """Refuse, before any worker starts, what every worker would refuse (and Ray would retry):
+    a checkpoint of another run, data that does not match, a layout that cannot resume.
+    The data is prepared here, once; the workers find it ready."""
     last = latest_checkpoint(cfg.train.out_dir)
-    if last is None:
+    state = read_trainer_state(last) if last is not None else None
+    if state is not None:
+        check_resume(last, state["config"], cfg.to_dict(), allowed=cfg.train.resume_with_changes)
+    resolve_run_data(cfg, LocalStrategy(device=torch.device("cpu")), keep_prepared=last is not None)
+    if state is None:
         return
-    written = json.loads((last / "trainer.json").read_text())["world_size"]
+    written = state["world_size"]
     if written == cfg.cluster.workers:
         return
     reason = resize_refusal(last)

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="data-parallel ranks as Ray workers (cluster.workers)")
     p.add_argument("--address", help="attach to this Ray cluster instead of an embedded one (cluster.address)")
     p.add_argument("--dashboard", action="store_true", help="with Ray: start the embedded instance's dashboard")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume a checkpoint written under other settings (train.resume_with_changes)")
     p.set_defaults(run=_run_train)
 
     p = commands.add_parser("eval", help="evaluate a trained model folder on comparison data")
@@ -85,11 +87,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         print(f"rankpm {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # cluster failures (beyond cluster.max_failures, jobs API unreachable)
-        if type(err).__name__ not in ("ClusterRunError", "JobError"):
+    except OSError as err:  # a full disk, a folder without permission: what the system said, and where
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"rankpm {args.command}: error: {err.strerror or err}{where}; nothing half-written was kept, rerun "
+              f"once it is fixed", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        code = RUNTIME_ERRORS.get(type(err).__name__)
+        if code is None:
             raise
         print(f"rankpm {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return code
+
+
+# Run-time failures that are messages, not bugs, by class name (so that the command line does
+# not import torch or ray to recognise them), with their exit codes.
+RUNTIME_ERRORS = {
+    "RunLockError": 2,  # another run holds the folder
+    "CheckpointError": 2,  # no usable checkpoint, or one this layout cannot resume
+    "NonFiniteError": 1,  # training stopped at a non-finite step
+    "ClusterRunError": 1,  # beyond cluster.max_failures, or the workers could not start
+    "JobError": 1,  # the Ray Jobs API was unreachable or refused
+}
 
 
 def _run_train(args) -> int:
@@ -100,6 +119,8 @@ def _run_train(args) -> int:
         overrides.append(f"cluster.workers={args.workers}")
     if args.address is not None:
         overrides.append(f"cluster.address={args.address}")
+    if args.resume_with_changes:
+        overrides.append("train.resume_with_changes=true")
     cfg = load_config(args.config, overrides)
     if cfg.cluster.workers > 1 or cfg.cluster.address is not None:
         from rankpm.cluster.launch import train_on_ray

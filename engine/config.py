@@ -184,6 +184,9 @@ class RunConfig:
         if self.objective.lm_loss and self.objective.pm_weight == 0 and self.objective.lm_weight == 0:
             raise ConfigError("objective.pm_weight and objective.lm_weight: both 0, so the loss is 0; "
                               "give at least one a positive weight")
+        if self.train.on_nonfinite == "skip" and (self.cluster.workers > 1 or self.cluster.address):
+            raise ConfigError("train.on_nonfinite: 'skip' needs one local process; DeepSpeed ranks cannot drop a "
+                              "step's gradients, so on Ray workers a non-finite step stops the run ('stop')")
         labels = self.objective.labels
         if not labels.good or not labels.bad or labels.good == labels.bad:
             raise ConfigError(f"objective.labels: good={labels.good!r} and bad={labels.bad!r} must be two "

@@ -1,11 +1,67 @@
-"""Atomic file and folder writes: a crash mid-write never leaves a half-written result."""
+"""Atomic file and folder writes: a crash mid-write never leaves a half-written result.
+
+Temporaries are siblings of their target named ``.NAME.tmp-PID-TOKEN@HOST``: unique per
+process, and recognisable afterwards, so that the temporaries a killed process left behind
+are removed by the next writer of the same target (``remove_stale_temporaries``).
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import shutil
+import socket
 from pathlib import Path
+
+_KINDS = ("tmp", "old")
+
+
+def temporary_sibling(target: str | Path, kind: str = "tmp") -> Path:
+    target = Path(target)
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}@{socket.gethostname()}")
+
+
+def _owner(name: str) -> tuple[str, str, int] | None:
+    """(target name, host, pid) of a temporary's name; None for any other name."""
+    base, at, host = name.rpartition("@")
+    if not at or not base.startswith("."):
+        return None
+    stem, _, token = base.rpartition("-")
+    stem, _, pid = stem.rpartition("-")
+    target, _, kind = stem.rpartition(".")
+    if kind not in _KINDS or not pid.isdigit() or len(token) != 8 or not target:
+        return None
+    return target[1:], host, int(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path, target: str | None = None, *, all_stale: bool = False) -> list[Path]:
+    """Remove temporaries in ``folder`` (of ``target`` only, when given) whose process is gone:
+    on this host and no longer running, or any at all with ``all_stale`` (the caller holds the
+    folder's run lock, so nobody else writes there). Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    here, removed = socket.gethostname(), []
+    for entry in folder.iterdir():
+        owner = _owner(entry.name)
+        if owner is None or (target is not None and owner[0] != target):
+            continue
+        _, host, pid = owner
+        if all_stale or (host == here and pid != os.getpid() and not pid_alive(pid)):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -13,14 +69,14 @@ def atomic_dir(target: str | Path):
     """Yield a temporary sibling folder; on success it replaces ``target`` by rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temporaries(target.parent, target.name)
+    tmp = temporary_sibling(target)
     tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = temporary_sibling(target, "old")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -35,12 +91,16 @@ def atomic_dir(target: str | Path):
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 

@@ -5,6 +5,7 @@ batch was built; it is never inferred from padding, so pad == EOS cannot shift i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -182,7 +183,8 @@ class PreferenceModel(nn.Module):
             if tokenizer_dir is not None:
                 shutil.copytree(tokenizer_dir, tmp / "tokenizer")
                 meta["tokenizer"] = folder_tokenizer(tmp)
-            self.transformer.save_pretrained(tmp, safe_serialization=True)
+            with _quiet_transformers():
+                self.transformer.save_pretrained(tmp, safe_serialization=True)
             torch.save(self.score_head.state_dict(), tmp / HEAD_FILE)
             (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -212,6 +214,20 @@ class PreferenceModel(nn.Module):
     @staticmethod
     def read_meta(directory: str | Path) -> dict:
         return json.loads((Path(directory) / MODEL_FILE).read_text())
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Writing model shards" bar at every checkpoint: the run's own bar is the one on screen."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 # Files by which a backbone folder ships a tokenizer of its own.

@@ -188,8 +188,13 @@ class DeepSpeedStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> bool:
+    def step(self, nonfinite: torch.Tensor | None = None) -> str:
         boundary = self.engine.is_gradient_accumulation_boundary()  # before step() advances it
+        if boundary and nonfinite is not None:
+            # one rank's non-finite loss makes every rank's averaged gradient non-finite; DeepSpeed
+            # has no way to drop a step's gradients, so the loop stops before this update
+            if self.all_reduce(nonfinite.float(), op="max").item() > 0:
+                return "nonfinite"
         own_norm = None
         if boundary and self.zero_stage == 0 and self.engine.get_global_grad_norm() is None:
             # Stage 0 in fp32 clips without recording the norm; gradients are already
@@ -197,10 +202,13 @@ class DeepSpeedStrategy:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             own_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         self.engine.step()
-        if boundary:
-            norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
-            self.last_grad_norm = None if norm is None else torch.as_tensor(float(norm))
-        return boundary
+        if not boundary:
+            return "accumulating"
+        norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        self.last_grad_norm = None if norm is None else torch.as_tensor(float(norm))
+        if self.last_grad_norm is not None and not torch.isfinite(self.last_grad_norm):
+            return "nonfinite"  # already applied: the loop stops, and no checkpoint takes these weights
+        return "updated"
 
     def current_lr(self) -> float:
         return self.engine.get_lr()[0]

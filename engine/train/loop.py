@@ -3,9 +3,17 @@
     summary = train(load_config("configs/quickstart.yaml"))
 
 Step-based: a step is ``grad_accum`` micro-batches on every rank. The reader loops over
-epochs, so no rank runs out of batches before the others. Resuming from
-OUT_DIR/checkpoints/latest restores weights, optimizer, scheduler, RNG and the reader's
-exact position, so a resumed run sees the same batches as an uninterrupted one.
+epochs, so no rank runs out of batches before the others. Resuming from the newest
+intact checkpoint restores weights, optimizer, scheduler, RNG, the reader's exact position
+and the run's counters, so a resumed run sees the same batches as an uninterrupted one and
+logs every step once; it must be the same run (rankpm.engine.train.resume).
+
+Everything that can be checked before step 1 is: the folder (one run at a time), the
+data against the checkpoint and the model, the evaluation data, the step plan. A step
+whose loss or gradient norm is not finite never reaches the weights: the run stops,
+naming the step, its groups and the last good checkpoint (or skips it when asked). The
+final checkpoint is written before the final evaluation, so a failing evaluation loses
+no training; the rerun then only evaluates.
 """
 from __future__ import annotations
 
@@ -16,18 +24,26 @@ from pathlib import Path
 
 import torch
 
-from rankpm.engine.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
-from rankpm.engine.config import RunConfig
+from rankpm.engine.config import ConfigError, RunConfig
+from rankpm.engine.data.run_data import resolve_run_data
 from rankpm.engine.data.stream import ComparisonStream
 from rankpm.engine.data.tokenizer import load_tokenizer
-from rankpm.engine.score.evaluate import evaluate
-from rankpm.engine.train.metrics import MetricsLog
 from rankpm.engine.model.preference_model import PreferenceModel
+from rankpm.engine.score.evaluate import evaluate
+from rankpm.engine.train.checkpoint import (latest_checkpoint, load_checkpoint, read_trainer_state, remove_unfinished,
+                                            save_checkpoint, seed_everything)
+from rankpm.engine.train.metrics import MetricsLog, Window
 from rankpm.engine.train.objectives import build_objective
-from rankpm.engine.data.run_data import resolve_run_data
+from rankpm.engine.train.resume import check_resume
+from rankpm.engine.train.run_lock import ensure_run_folder, run_lock
+from rankpm.engine.train.schedule import build_optimizer, build_scheduler, plan_steps
 from rankpm.engine.train.strategy import LocalStrategy
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm was not finite; the weights were not updated."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,70 +58,61 @@ def local_strategy(cfg: RunConfig) -> LocalStrategy:
                          grad_clip=t.grad_clip, precision=t.precision)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)  # no decay on biases and norms
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas)
-
-
-def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
-    warmup, floor = cfg.train.warmup_steps, cfg.train.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def count_steps(cfg: RunConfig, train_groups: int, world_size: int) -> int:
-    """max_steps, or the steps that cover ``epochs`` passes at batch_groups per micro-batch."""
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps
-    per_step = cfg.data.batch_groups * world_size * cfg.train.grad_accum
-    return max(1, math.ceil(cfg.train.epochs * train_groups / per_step))
-
-
 def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
     """Train (or resume) the run in ``cfg.train.out_dir``; return the final summary.
 
-    ``strategy`` defaults to one local process; cluster/ passes a DeepSpeed strategy.
-    ``on_record`` receives every metrics row on the main rank (the cluster forwards them
-    to the driver).
+    ``strategy`` defaults to one local process, which holds the folder's run lock; cluster/
+    passes a DeepSpeed strategy (its driver holds the lock). ``on_record`` receives every
+    metrics row on the main rank (the cluster forwards them to the driver).
     """
-    strategy = strategy or local_strategy(cfg)
+    if strategy is None:
+        with run_lock(cfg.train.out_dir):
+            return _train(cfg, local_strategy(cfg), on_record)
+    return _train(cfg, strategy, on_record)
+
+
+def _train(cfg: RunConfig, strategy, on_record) -> dict:
     out_dir = Path(cfg.train.out_dir)
+    if strategy.is_main:
+        ensure_run_folder(out_dir)
+        remove_unfinished(out_dir)
+    strategy.barrier()
     checkpoint = latest_checkpoint(out_dir)
+    resume_state = read_trainer_state(checkpoint) if checkpoint is not None else None
+    changes = {}
+    if resume_state is not None:
+        changes = check_resume(checkpoint, resume_state["config"], cfg.to_dict(),
+                               allowed=cfg.train.resume_with_changes)
     data = resolve_run_data(cfg, strategy, keep_prepared=checkpoint is not None)
     tokenizer = load_tokenizer(str(data.tokenizer_dir))
     objective = build_objective(cfg.objective)
+
+    stream = ComparisonStream(data.train_dir, rank=strategy.rank, world_size=strategy.world_size,
+                              seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                              batch_groups=cfg.data.batch_groups, max_tokens=cfg.data.max_tokens, loop=True)
+    train_groups = stream.manifest["counts"]["groups"]
+    plan = plan_steps(cfg, train_groups, strategy.world_size)
+    if data.eval_dir is not None and ComparisonStream(data.eval_dir, shuffle=False, loop=False).total_groups == 0:
+        raise ConfigError(f"data.eval: {data.eval_dir} holds no comparison groups to evaluate on")
+    total_steps = plan.total_steps
+    # a changed step count (allowed by resume_with_changes) keeps the schedule the run began with
+    horizon = resume_state.get("schedule_steps", total_steps) if resume_state else total_steps
 
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = PreferenceModel.build(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                   eoc_id=tokenizer.eoc_id, max_length=cfg.data.max_length,
                                   with_lm_head=objective.needs_lm_head, tokenizer=tokenizer.identity())
-    stream = ComparisonStream(data.train_dir, rank=strategy.rank, world_size=strategy.world_size,
-                              seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                              batch_groups=cfg.data.batch_groups, max_tokens=cfg.data.max_tokens, loop=True)
-    total_groups = stream.manifest["counts"]["groups"]
-    total_steps = count_steps(cfg, total_groups, strategy.world_size)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    scheduler = build_scheduler(optimizer, cfg, horizon)
     model = strategy.setup(model, optimizer, scheduler)
 
-    step, pairs_seen, tokens_seen = 0, 0, 0
-    resumed: dict = {}
+    counters = {"pairs_seen": 0, "tokens_seen": 0, "groups_seen": 0, "skipped_steps": 0}
+    step, resumed = 0, {}
     rank_seed = cfg.train.seed + 7919 * strategy.rank  # per-rank dropout streams
     if checkpoint is not None:
         trainer_state, readers = load_checkpoint(strategy, checkpoint, fresh_seed=rank_seed)
-        step, pairs_seen, tokens_seen = (trainer_state["step"], trainer_state["pairs_seen"],
-                                         trainer_state["tokens_seen"])
+        step = trainer_state["step"]
+        counters = {k: trainer_state[k] for k in counters}
         resumed = {"checkpoint": str(checkpoint), "step": step, "ranks_before": len(readers)}
         how = ""
         if len(readers) == strategy.world_size:
@@ -113,17 +120,27 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
         else:
             resumed["reader_mapping"] = stream.resume_from(readers)
             how = f" with {strategy.world_size} ranks instead of {len(readers)}: {resumed['reader_mapping']}"
+        if changes:
+            resumed["changes"] = changes
+            if strategy.is_main:
+                log.warning("resuming %s under changed settings (train.resume_with_changes): %s", checkpoint,
+                            "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
         if strategy.is_main:
             log.info("resumed from %s at step %d%s", checkpoint, step, how)
     else:
         seed_everything(rank_seed)
 
-    metrics = MetricsLog(out_dir, enabled=strategy.is_main, total_steps=total_steps,
-                         progress=cfg.train.progress, initial_step=step, on_record=on_record)
+    metrics = MetricsLog(out_dir, enabled=strategy.is_main, total_steps=total_steps, progress=cfg.train.progress,
+                         initial_step=step, on_record=on_record,
+                         keep_rows=resume_state.get("metrics_rows") if resume_state else 0)
     if strategy.is_main:
+        if plan.epochs is not None and cfg.train.max_steps is not None:
+            log.info("train.max_steps=%d makes %.2f passes over the %d training groups", total_steps, plan.epochs,
+                     train_groups)
         metrics.record("config", step, {"config": cfg.to_dict(), "total_steps": total_steps,
-                                        "world_size": strategy.world_size,
-                                        "train_groups": total_groups, **({"resumed": resumed} if resumed else {})})
+                                        "schedule_steps": horizon, "planned_epochs": plan.epochs,
+                                        "world_size": strategy.world_size, "train_groups": train_groups,
+                                        **({"resumed": resumed} if resumed else {})})
 
     def run_eval() -> dict:
         if data.eval_dir is None:
@@ -141,55 +158,75 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
         return evaluate(model, eval_stream, strategy=strategy, num_batches=most, judge=objective.judge,
                         filler=filler)
 
+    window = Window(strategy.device)
+    window_start, skips_logged = time.perf_counter(), counters["skipped_steps"]
+
+    def log_window(step: int) -> None:
+        """Reduce the window over the ranks into one train row; the counters stay exact."""
+        nonlocal window_start, skips_logged
+        flushed = window.flush(strategy)
+        if flushed is None:  # every step since the last row was skipped: say so all the same
+            if counters["skipped_steps"] > skips_logged:
+                metrics.record("train", step, {"lr": strategy.current_lr(), "pairs_seen": counters["pairs_seen"],
+                                               "skipped_steps": counters["skipped_steps"]})
+                skips_logged = counters["skipped_steps"]
+            return
+        row, pairs, tokens, groups = flushed
+        elapsed = time.perf_counter() - window_start
+        counters["pairs_seen"] += pairs
+        counters["tokens_seen"] += tokens
+        counters["groups_seen"] += groups
+        row.update(lr=strategy.current_lr(), pairs_per_s=pairs / elapsed, tokens_per_s=tokens / elapsed,
+                   pairs_seen=counters["pairs_seen"], skipped_steps=counters["skipped_steps"])
+        if strategy.last_grad_norm is not None:
+            row["grad_norm"] = float(strategy.last_grad_norm)
+        metrics.record("train", step, row)
+        window_start, skips_logged = time.perf_counter(), counters["skipped_steps"]
+
     def save(step: int, last: dict) -> Path:
+        log_window(step)  # the counters a checkpoint stores include every step before it
+
         def export(folder: Path) -> None:
             export_model(strategy, folder, tokenizer_dir=data.tokenizer_dir, cfg=cfg, eval_metrics=last)
 
         return save_checkpoint(strategy, out_dir, step=step, keep_last=cfg.train.keep_last,
                                reader_state=stream.state_dict(), export=export,
-                               trainer_state={"pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
-                                              "config": cfg.to_dict(), "metrics": last})
+                               trainer_state={**counters, "config": cfg.to_dict(), "metrics": last,
+                                              "schedule_steps": horizon, "metrics_rows": metrics.rows})
 
     batches = iter(stream)
-    window: dict[str, list] = {}
-    window_start, train_start, start_pairs = time.perf_counter(), time.perf_counter(), pairs_seen
-    last_eval: dict = {}
+    start_pairs, train_start = counters["pairs_seen"], time.perf_counter()
+    last_eval: dict = resume_state.get("metrics", {}) if resume_state else {}
     model.train()
     while step < total_steps:
-        for _ in range(cfg.train.grad_accum):
+        nonfinite = torch.zeros((), dtype=torch.bool, device=strategy.device)
+        step_ids: list[str] = []
+        for micro in range(cfg.train.grad_accum):
             batch = next(batches).to(strategy.device)
+            step_ids += batch.ids
             with strategy.autocast():
                 output = model(batch.input_ids, batch.attention_mask, batch.score_index,
                                **objective.model_inputs(batch))
                 result = objective(output, batch)
+            nonfinite |= ~torch.isfinite(result.loss.detach())
             strategy.backward(result.loss)
-            strategy.step()
-            for name, (total, count) in result.sums.items():
-                acc = window.setdefault(name, [torch.zeros((), device=strategy.device),
-                                               torch.zeros((), device=strategy.device)])
-                acc[0] += total.detach().float()
-                acc[1] += count.detach().float()
-            tokens = window.setdefault("_tokens", [torch.zeros((), device=strategy.device), None])
-            tokens[0] += batch.attention_mask.sum()
+            window.add(result.sums, batch.attention_mask.sum(), batch.num_groups)
+            outcome = strategy.step(nonfinite if micro == cfg.train.grad_accum - 1 else None)
         step += 1
+        updated = outcome == "updated"
+        window.end_step(updated)
+        if not updated:
+            counters["skipped_steps"] += 1
+            if cfg.train.on_nonfinite == "stop" or outcome == "nonfinite":
+                metrics.close()
+                raise NonFiniteError(_nonfinite_message(step, outcome, strategy.rank, step_ids, out_dir))
+            if strategy.is_main:
+                log.warning("step %d skipped: its loss or gradient norm is not finite (train.on_nonfinite=skip); "
+                            "groups: %s", step, ", ".join(step_ids[:10]))
         metrics.advance()
 
         if step % cfg.train.log_every == 0 or step == total_steps:
-            names = sorted(k for k in window if not k.startswith("_"))
-            packed = torch.stack([window[n][i] for n in names for i in (0, 1)] + [window["_tokens"][0]])
-            packed = strategy.all_reduce(packed).tolist()  # the only host sync of a step
-            elapsed = time.perf_counter() - window_start
-            row = {n: packed[2 * i] / max(packed[2 * i + 1], 1.0) for i, n in enumerate(names)}
-            window_pairs, window_tokens = int(packed[names.index("loss") * 2 + 1]), int(packed[-1])
-            pairs_seen += window_pairs
-            tokens_seen += window_tokens
-            row.update(lr=strategy.current_lr(), pairs_per_s=window_pairs / elapsed,
-                       tokens_per_s=window_tokens / elapsed, pairs_seen=pairs_seen)
-            if strategy.last_grad_norm is not None:
-                row["grad_norm"] = float(strategy.last_grad_norm)
-            metrics.record("train", step, row)
-            window, window_start = {}, time.perf_counter()
-
+            log_window(step)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
             last_eval = run_eval()
             metrics.record("eval", step, last_eval)
@@ -197,28 +234,53 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
             save(step, last_eval)
 
     train_seconds = time.perf_counter() - train_start
+    log_window(step)
+    # the final checkpoint before the final evaluation: an evaluation that fails loses no training
+    done = checkpoint is not None and resume_state["step"] == step
+    checkpoint_path = checkpoint if done else save(step, last_eval)
     last_eval = run_eval()
     if last_eval:
         metrics.record("eval", step, last_eval)
-    checkpoint_path = save(step, last_eval)
     model_dir = out_dir / "model"
     export_model(strategy, model_dir, tokenizer_dir=data.tokenizer_dir, cfg=cfg, eval_metrics=last_eval)
     metrics.close()
-    summary = {
-        **{k: v for k, v in last_eval.items()},
+    return {
+        **last_eval,
         "steps": step,
         "checkpoint": str(checkpoint_path),
         "model": str(model_dir),
-        "pairs_per_second": (pairs_seen - start_pairs) / train_seconds if train_seconds > 0 else 0.0,
+        "pairs_per_second": (counters["pairs_seen"] - start_pairs) / train_seconds if train_seconds > 0 else 0.0,
         "train_seconds": round(train_seconds, 2),
         "world_size": strategy.world_size,
+        "epochs": round(counters["groups_seen"] / train_groups, 4),
+        "skipped_steps": counters["skipped_steps"],
     }
-    return summary
+
+
+def _nonfinite_message(step: int, outcome: str, rank: int, ids: list[str], out_dir: Path) -> str:
+    try:
+        last = latest_checkpoint(out_dir)
+    except Exception as err:  # an unreadable checkpoint must not hide the training error
+        last = f"unreadable ({err})"
+    updated = ("the weights were not updated" if outcome == "skipped" else
+               "DeepSpeed cannot drop a step's gradients, so the run stops here")
+    shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+    return (f"step {step}: the loss or the gradient norm is not finite; {updated}. Groups of this step on rank "
+            f"{rank}: {shown}. Last good checkpoint: {last or 'none'}; rerun to resume from it (lower train.lr, "
+            f"or set train.on_nonfinite=skip to drop such steps)")
 
 
 def export_model(strategy, model_dir: Path, *, tokenizer_dir: Path, cfg: RunConfig, eval_metrics: dict) -> None:
-    """Consolidated weights (whatever the ZeRO stage) as a self-contained model folder."""
+    """Consolidated weights (whatever the ZeRO stage) as a self-contained model folder; weights
+    that are not finite are never written."""
     state = strategy.export_state_dict()  # collective under ZeRO-3: every rank calls it
+    bad = []
+    if strategy.is_main:
+        bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    bad = strategy.broadcast_object(bad)
+    if bad:
+        raise NonFiniteError(f"refusing to write {model_dir}: weights are not finite ({', '.join(bad[:5])}"
+                             f"{' ...' if len(bad) > 5 else ''})")
     if strategy.is_main:
         model = strategy.unwrapped_model()
         extra = {"config": cfg.to_dict(),

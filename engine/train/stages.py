@@ -84,35 +84,47 @@ def eval_dir_of(cfg: RunConfig) -> Path | None:
 
 
 def run_stages(cfg: RunConfig, runner=None, *, report: bool = True) -> dict:
-    """Train every stage in order (``runner``: engine train, or the cluster's), then report."""
+    """Train every stage in order (``runner``: engine train, or the cluster's), then report.
+
+    The run folder is locked for the whole run; the report folder is checked before the
+    first step. A finished stage is reused only for the same stage config (as a resume).
+    """
+    from rankpm.engine.train.resume import check_resume
+    from rankpm.engine.train.run_lock import ensure_run_folder, run_lock
+
     if runner is None:
         from rankpm.engine.train.loop import train as runner
-    configs = stage_configs(cfg) if cfg.stages else [cfg]
-    summaries, sections = [], []
-    for i, stage_cfg in enumerate(configs):
-        name = stage_name(cfg, i) if cfg.stages else "eval"
-        done = Path(stage_cfg.train.out_dir) / SUMMARY
-        if not cfg.stages:  # a single run: train() itself resumes or re-evaluates
-            summary = runner(stage_cfg)
-        elif done.is_file():
-            summary = json.loads(done.read_text())
-        else:
-            summary = dict(runner(stage_cfg), stage=name)
-            atomic_write_json(done, summary)
-        if report and eval_dir_of(stage_cfg) is not None:
-            from rankpm.engine.score.report import report_model_folder
-            section = report_model_folder(Path(stage_cfg.train.out_dir) / "model", eval_dir_of(stage_cfg),
-                                          name=name, batch_groups=stage_cfg.data.eval_batch_groups)
-            sections.append(section)
-            summary = dict(summary, report_accuracy=section["accuracy"])
-            if section["calibration"]:
-                summary["report_ece"] = section["calibration"]["ece"]
-        summaries.append(summary)
-    result = {k: v for k, v in summaries[-1].items() if k != "stage"}
-    if cfg.stages:
-        result["stages"] = summaries
-    if sections:
-        from rankpm.engine.score.report import write_report
-        result["report"] = str(write_report(Path(cfg.train.out_dir) / "report", sections,
-                                            title=f"rankpm report: {cfg.train.out_dir}"))
-    return result
+    root = Path(cfg.train.out_dir)
+    with run_lock(root):
+        if report:
+            ensure_run_folder(root / "report", key=f"the report folder {root / 'report'}")
+        configs = stage_configs(cfg) if cfg.stages else [cfg]
+        summaries, sections = [], []
+        for i, stage_cfg in enumerate(configs):
+            name = stage_name(cfg, i) if cfg.stages else "eval"
+            done = Path(stage_cfg.train.out_dir) / SUMMARY
+            if not cfg.stages:  # a single run: train() itself resumes or re-evaluates
+                summary = runner(stage_cfg)
+            elif done.is_file():
+                summary = json.loads(done.read_text())
+                check_resume(done, summary.pop("config", {}), stage_cfg.to_dict(),
+                             allowed=stage_cfg.train.resume_with_changes)
+            else:
+                summary = dict(runner(stage_cfg), stage=name)
+                atomic_write_json(done, {**summary, "config": stage_cfg.to_dict()})
+            if report and eval_dir_of(stage_cfg) is not None:
+                from rankpm.engine.score.report import report_model_folder
+                section = report_model_folder(Path(stage_cfg.train.out_dir) / "model", eval_dir_of(stage_cfg),
+                                              name=name, batch_groups=stage_cfg.data.eval_batch_groups)
+                sections.append(section)
+                summary = dict(summary, report_accuracy=section["accuracy"])
+                if section["calibration"]:
+                    summary["report_ece"] = section["calibration"]["ece"]
+            summaries.append(summary)
+        result = {k: v for k, v in summaries[-1].items() if k != "stage"}
+        if cfg.stages:
+            result["stages"] = summaries
+        if sections:
+            from rankpm.engine.score.report import write_report
+            result["report"] = str(write_report(root / "report", sections, title=f"rankpm report: {cfg.train.out_dir}"))
+        return result

@@ -6,9 +6,13 @@ methods, so the training loop in engine/train/loop.py is the same in both cases.
 
 Semantics shared by every strategy (they mirror DeepSpeed's engine):
 - ``backward(loss)`` is called once per micro-batch and scales by 1 / grad_accum;
-- ``step()`` is called once per micro-batch and updates the weights only at the
-  accumulation boundary (clip, optimizer step, scheduler step, zero grads),
-  returning True when it did.
+- ``step(nonfinite)`` is called once per micro-batch and updates the weights only at the
+  accumulation boundary (clip, optimizer step, scheduler step, zero grads). It returns
+  "accumulating" before the boundary and "updated" at it, unless the step is not finite
+  (``nonfinite``, the boundary micro-batch's flag that some loss of the step was not
+  finite, or a non-finite gradient norm): then the weights are left as they were and it
+  returns "skipped" (the gradients are dropped, the schedule advances) or, where the step
+  cannot be dropped, "nonfinite".
 """
 from __future__ import annotations
 
@@ -65,16 +69,22 @@ class LocalStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
 
-    def step(self) -> bool:
+    def step(self, nonfinite: torch.Tensor | None = None) -> str:
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum:
-            return False
-        if self.grad_clip > 0:
-            self.last_grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+            return "accumulating"
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+        self.last_grad_norm = norm
+        finite = torch.isfinite(norm) if nonfinite is None else torch.isfinite(norm) & ~nonfinite
+        updated = bool(finite)  # the one host sync of a step: nothing non-finite may reach the weights
+        if updated:
+            if self.grad_clip > 0:
+                nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return True
+        return "updated" if updated else "skipped"
 
     def current_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

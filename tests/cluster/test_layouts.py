@@ -165,15 +165,15 @@ def test_export_is_one_consolidated_model_with_its_reward_head(layouts, stage):
 
 def test_resume_with_another_world_size_is_refused_with_the_reason_where_the_state_cannot_move(layouts):
     out = layouts["root"] / "zero1"
-    cfg = tiny_config(out, data=layouts["data"], max_steps=8, cluster={"workers": 4, "zero_stage": 1})
+    cfg = tiny_config(out, data=dict(layouts["data"], batch_groups=2), cluster={"workers": 4, "zero_stage": 1})
     with pytest.raises(ClusterRunError, match="written by 2 data-parallel ranks, resuming with cluster.workers=4: "
                                               "ZeRO-1 partitions the optimizer state .* --workers 2"):
         preflight(cfg)
     with pytest.raises(CheckpointError, match="written by 2 data-parallel ranks, resuming with 1: one local process "
                                               "loads only"):
-        train(tiny_config(out, data=layouts["data"], max_steps=8, cluster={"workers": 1}))
-    token_budget = tiny_config(layouts["root"] / "zero0", data=dict(layouts["data"], max_tokens=4096),
-                               max_steps=8, cluster={"workers": 4})
+        train(tiny_config(out, data=dict(layouts["data"], batch_groups=8), cluster={"workers": 1}))
+    token_budget = tiny_config(layouts["root"] / "zero0", data=dict(layouts["data"], max_tokens=4096, batch_groups=2),
+                               cluster={"workers": 4}, resume_with_changes=True)
     with pytest.raises(ClusterRunError, match="token-budget batches"):
         preflight(token_budget)
     assert latest_checkpoint(out).name == "step_00000006"  # nothing was touched

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from rankpm.engine.train.checkpoint import CheckpointError, latest_checkpoint
+from rankpm.engine.train.checkpoint import latest_checkpoint
 from rankpm.engine.config import from_dict
 from rankpm.engine.score.scorer import RewardScorer
 from rankpm.engine.train.loop import train
@@ -71,14 +71,6 @@ def test_checkpoints_keep_the_last_n_and_latest_points_at_a_complete_one(tmp_pat
     context, responses = "\n\nHuman: hi\n\nAssistant:", [" hello", " go away"]
     assert older.score(context, responses) != final.score(context, responses)
     assert final.score(context, responses) == RewardScorer.from_folder(out).score(context, responses)
-
-
-def test_a_dangling_latest_pointer_is_reported(tmp_path):
-    root = tmp_path / "checkpoints"
-    root.mkdir()
-    (root / "latest").write_text("step_00000009\n")
-    with pytest.raises(CheckpointError, match="names step_00000009, which is missing or incomplete"):
-        latest_checkpoint(tmp_path)
 
 
 @pytest.mark.slow
