@@ -14,7 +14,26 @@ import shutil
 import socket
 from pathlib import Path
 
+from rankpm.engine.config import ConfigError
+
 _KINDS = ("tmp", "old")
+
+
+class WriteError(OSError):
+    """Writing a result failed (a full disk, a quota, a file-size limit); what was half-written is gone."""
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """An error of the storage underneath, whichever writer met it (torch.save reports a short write
+    as a RuntimeError from its zip writer, safetensors as a SafetensorError)."""
+    text = str(err)
+    return (isinstance(err, OSError) or type(err).__name__ == "SafetensorError"
+            or (isinstance(err, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)))
+
+
+def write_failed(target: str | Path, err: BaseException, what: str = "the partial folder was removed") -> WriteError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return WriteError(f"writing {target} failed ({first}); {what}. If the disk is full, free space and rerun")
 
 
 def temporary_sibling(target: str | Path, kind: str = "tmp") -> Path:
@@ -64,6 +83,23 @@ def remove_stale_temporaries(folder: str | Path, target: str | None = None, *, a
     return removed
 
 
+def ensure_folder(out_dir: str | Path, key: str = "train.out_dir") -> Path:
+    """A folder to write into, created if needed; a file in its place or no permission is a
+    ConfigError that names ``key`` (the setting or option that gave the path)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{key}: {out_dir} exists and is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{key}: {out_dir} cannot be a folder (a file stands in its path)") from None
+    except PermissionError:
+        raise ConfigError(f"{key}: {out_dir} cannot be created: permission denied") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {out_dir} is not writable")
+    return out_dir
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path):
     """Yield a temporary sibling folder; on success it replaces ``target`` by rename."""
@@ -83,8 +119,10 @@ def atomic_dir(target: str | Path):
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(err) and not isinstance(err, WriteError):
+            raise write_failed(target, err) from err
         raise
 
 

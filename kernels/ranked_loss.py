@@ -547,10 +547,7 @@ def ranked_preference_loss(
         scores' device; only loss carries a gradient (to scores). fp32 (fp64 for fp64
         scores on the torch path). No host synchronisation on the Triton path.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
-    if impl == "auto":
-        impl = "triton" if (scores.is_cuda and triton is not None) else "torch"
+    impl = resolve_impl(impl, scores)
     if impl == "torch":
         return ranked_preference_loss_reference(
             scores, ranks, group_offsets, margin, weights, margin_levels=margin_levels, pairs=pairs,
@@ -571,6 +568,15 @@ def ranked_preference_loss(
         loss, stats, _ = _launch_forward(*args, compute_grad=False)
     pair_count, accuracy, mean_gap, _ = stats.unbind()
     return RankedLossOutput(loss, pair_count, accuracy, mean_gap)
+
+
+def resolve_impl(impl: str, scores: torch.Tensor) -> str:
+    """The implementation ``impl`` stands for: "auto" is Triton on CUDA, the reference elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+    if impl == "auto":
+        return "triton" if (scores.is_cuda and triton is not None) else "torch"
+    return impl
 
 
 @functools.lru_cache(maxsize=64)

@@ -94,6 +94,8 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "byt
         raise ValueError(f"truncation={truncation!r}: expected one of {TRUNCATION_POLICIES}")
     if max_length < 2:
         raise ValueError(f"max_length={max_length}: needs at least 2 (one token and the end-of-context)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is a file, not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
         raise ValueError(f"{out_dir}: exists, is not empty and is not a prepared folder; refusing to replace it")
 

@@ -62,26 +62,15 @@ class PreferenceModel(nn.Module):
             raise ValueError("this backbone was built without an LM head; configure an LM term to keep it")
         return self.transformer.get_output_embeddings()
 
-    def external_parameters(self) -> list[nn.Parameter]:
-        """Parameters read in this module's forward outside their own module's forward.
-
-        The fused LM term reads lm_head.weight (and bias) directly instead of calling the
-        head, so under DeepSpeed ZeRO-3 the strategy must register these as external
-        parameters of this module (deepspeed.zero.register_external_parameter) for them
-        to be gathered when this forward runs. Empty without an LM head.
-        """
-        if not self.has_lm_head:
-            return []
-        head = self.lm_head
-        return [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
-
     def forward(self, input_ids, attention_mask, score_index, lm_targets=None) -> ModelOutput:
         """Scores at ``score_index``; with ``lm_targets`` (S, T) also the target log-probs.
 
         ``lm_targets[s, t]`` is the token to predict from position t (usually
         input_ids[s, t + 1]) or IGNORE_INDEX. The LM head runs here, inside the module's
-        forward, through the fused linear cross-entropy (no (S, T, V) logits), so that
-        DeepSpeed ZeRO-3 has gathered lm_head.weight when it is read.
+        forward, through the fused linear cross-entropy (no (S, T, V) logits): DeepSpeed
+        ZeRO-3 gathers any parameter read during a module's forward (it registers it as an
+        external parameter on first access), so lm_head.weight is whole when the kernel reads
+        it; read anywhere else it would be an empty partition.
         """
         hidden = self.transformer.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)

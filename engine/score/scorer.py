@@ -14,6 +14,7 @@ import torch
 from rankpm.engine.data.collate import collate
 from rankpm.engine.data.tokenizer import load_tokenizer
 from rankpm.engine.fingerprint import MismatchError, require_same, tokenizer_key
+from rankpm.engine.io import ensure_folder
 from rankpm.engine.model.preference_model import MODEL_FILE, PreferenceModel, folder_tokenizer
 from rankpm.engine.score.evaluate import evaluate
 from rankpm.engine.train.strategy import LocalStrategy
@@ -52,6 +53,7 @@ class RewardScorer:
         stored with the model, "standardize" also divides by its std."""
         if normalize not in ("none", "center", "standardize"):
             raise ValueError(f"normalize={normalize!r}: expected 'none', 'center' or 'standardize'")
+        check_inputs(context, responses)
         raw = self._raw_scores(context, responses)
         if normalize == "none":
             return raw
@@ -73,6 +75,23 @@ class RewardScorer:
                "context_ids": ctx, "response_ids": resp}
         batch = collate([row], pad_id=self.tokenizer.pad_id, eoc_id=self.tokenizer.eoc_id).to(self.device)
         return self.model(batch.input_ids, batch.attention_mask, batch.score_index).scores.tolist()
+
+
+def check_inputs(context, responses) -> None:
+    """A context string and a non-empty list of response strings; a bare string would be scored
+    character by character, so it is a TypeError that says so."""
+    if not isinstance(context, str):
+        raise TypeError(f"context: expected a string, got {type(context).__name__}")
+    if isinstance(responses, str):
+        raise TypeError("responses: expected a list of strings, got one string; score a single response as "
+                        "score(context, [response])")
+    if not isinstance(responses, (list, tuple)):
+        raise TypeError(f"responses: expected a list of strings, got {type(responses).__name__}")
+    if not responses:
+        raise ValueError("responses: the list is empty; give at least one response to score")
+    for i, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise TypeError(f"responses[{i}]: expected a string, got {type(response).__name__}")
 
 
 def resolve_model_folder(path: str | Path) -> Path:
@@ -113,6 +132,9 @@ def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: st
     from rankpm.engine.score.judges import judge_for_objective
 
     model_dir = resolve_model_folder(model_dir)
+    for folder, option in ((out_dir, "--out"), (report_dir, "--report")):  # before any scoring
+        if folder is not None:
+            ensure_folder(folder, key=option)
     meta = PreferenceModel.read_meta(model_dir)
     objective = meta["config"].get("objective", {})
     judge = judge or judge_for_objective(objective.get("name", "ranked"))

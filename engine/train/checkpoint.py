@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rankpm.engine.io import atomic_write_json, atomic_write_text, remove_stale_temporaries, temporary_sibling
+from rankpm.engine.io import (WriteError, atomic_write_json, atomic_write_text, is_write_failure,
+                              remove_stale_temporaries, temporary_sibling, write_failed)
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,12 @@ def save_checkpoint(strategy, out_dir: str | Path, *, step: int, trainer_state: 
             tmp.rename(final)
             atomic_write_text(root / "latest", final.name + "\n")
             _prune(root, keep_last)
-    except BaseException:
+    except BaseException as err:
         if strategy.is_main:  # never a half-written temporary left behind (a full disk, a bad weight)
             shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(err) and not isinstance(err, WriteError):
+            raise write_failed(final, err, "the partial checkpoint was removed and the previous one is intact") \
+                from err
         raise
     strategy.barrier()
     return final

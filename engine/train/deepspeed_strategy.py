@@ -174,11 +174,6 @@ class DeepSpeedStrategy:
         model = model.to(self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config, dist_init_required=False)
-        if self.zero_stage == 3:
-            # the fused LM term reads lm_head.weight inside the model's own forward, not the
-            # head's: ZeRO-3 gathers it only when told that the model uses it
-            for param in model.external_parameters():
-                deepspeed.zero.register_external_parameter(model, param)
         return self.engine
 
     def autocast(self):

@@ -35,7 +35,8 @@ from rankpm.engine.train.checkpoint import (latest_checkpoint, load_checkpoint, 
 from rankpm.engine.train.metrics import MetricsLog, Window
 from rankpm.engine.train.objectives import build_objective
 from rankpm.engine.train.resume import check_resume
-from rankpm.engine.train.run_lock import ensure_run_folder, run_lock
+from rankpm.engine.io import ensure_folder
+from rankpm.engine.train.run_lock import run_lock
 from rankpm.engine.train.schedule import build_optimizer, build_scheduler, plan_steps
 from rankpm.engine.train.strategy import LocalStrategy
 
@@ -74,7 +75,7 @@ def train(cfg: RunConfig, strategy=None, *, on_record=None) -> dict:
 def _train(cfg: RunConfig, strategy, on_record) -> dict:
     out_dir = Path(cfg.train.out_dir)
     if strategy.is_main:
-        ensure_run_folder(out_dir)
+        ensure_folder(out_dir)
         remove_unfinished(out_dir)
     strategy.barrier()
     checkpoint = latest_checkpoint(out_dir)

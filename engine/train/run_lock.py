@@ -23,8 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from rankpm.engine.config import ConfigError
-from rankpm.engine.io import pid_alive
+from rankpm.engine.io import ensure_folder, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +35,9 @@ class RunLockError(RuntimeError):
     """Another process runs in the folder."""
 
 
-def ensure_run_folder(out_dir: str | Path, key: str = "train.out_dir") -> Path:
-    """The run folder, created if needed; a file in its place or no permission is a ConfigError."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{key}: {out_dir} exists and is a file, not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"{key}: {out_dir} cannot be a folder (a file stands in its path)") from None
-    except PermissionError:
-        raise ConfigError(f"{key}: {out_dir} cannot be created: permission denied") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: {out_dir} is not writable")
-    return out_dir
-
-
 @contextlib.contextmanager
 def run_lock(out_dir: str | Path):
-    out_dir = ensure_run_folder(out_dir)
+    out_dir = ensure_folder(out_dir)
     key = str(out_dir.resolve())
     if key in _held:
         _held[key][1] += 1

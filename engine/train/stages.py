@@ -89,15 +89,16 @@ def run_stages(cfg: RunConfig, runner=None, *, report: bool = True) -> dict:
     The run folder is locked for the whole run; the report folder is checked before the
     first step. A finished stage is reused only for the same stage config (as a resume).
     """
+    from rankpm.engine.io import ensure_folder
     from rankpm.engine.train.resume import check_resume
-    from rankpm.engine.train.run_lock import ensure_run_folder, run_lock
+    from rankpm.engine.train.run_lock import run_lock
 
     if runner is None:
         from rankpm.engine.train.loop import train as runner
     root = Path(cfg.train.out_dir)
     with run_lock(root):
         if report:
-            ensure_run_folder(root / "report", key=f"the report folder {root / 'report'}")
+            ensure_folder(root / "report", key="the report folder")
         configs = stage_configs(cfg) if cfg.stages else [cfg]
         summaries, sections = [], []
         for i, stage_cfg in enumerate(configs):

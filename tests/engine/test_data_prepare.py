@@ -180,8 +180,11 @@ def test_prepare_refuses_to_replace_an_unrelated_folder(tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="refusing to replace"):
         prepare([src], tmp_path / "busy", "bytes")
-    prepare([src], tmp_path / "out", "bytes")
-    prepare([src], tmp_path / "out", "bytes")  # a prepared folder is replaced
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    prepare([src], tmp_path / "out", "bytes", max_length=256)
+    prepare([src], tmp_path / "out", "bytes", max_length=128)  # a prepared folder is replaced, whole
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["max_length"] == 128
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "out", "syn.jsonl"]  # no temporary left
 
 
 def test_command_line(tmp_path, capsys):

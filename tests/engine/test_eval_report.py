@@ -68,3 +68,20 @@ def test_scores_are_centred_or_standardised_only_on_request(binary_model):
     scorer.score_stats = {}
     with pytest.raises(ValueError, match="stores no score statistics"):
         scorer.score("x", ["y"], normalize="center")
+
+
+@pytest.mark.parametrize("context, responses, error, message", [
+    ("ctx", "a string", TypeError, r"responses: expected a list of strings, got one string; score a single response "
+                                   r"as score\(context, \[response\]\)"),
+    ("ctx", [], ValueError, r"responses: the list is empty"),
+    ("ctx", ["fine", 3], TypeError, r"responses\[1\]: expected a string, got int"),
+    ("ctx", None, TypeError, r"responses: expected a list of strings, got NoneType"),
+    (["ctx"], ["a"], TypeError, r"context: expected a string, got list"),
+])
+def test_the_scorer_refuses_what_it_would_score_wrongly(binary_model, context, responses, error, message):
+    from rankpm.engine.score.scorer import RewardScorer
+
+    scorer = RewardScorer.from_folder(binary_model[0])
+    with pytest.raises(error, match=message):
+        scorer.score(context, responses)
+    assert len(scorer.score("ctx", ("a", ""))) == 2  # a tuple is a list of responses; an empty one is a response

@@ -5,7 +5,9 @@ import pytest
 
 from rankpm.engine.cli import main
 from rankpm.engine.data.synthetic_pmp import generate_groups
+from rankpm.engine.data.readers import read_groups
 from rankpm.engine.data.transforms import ranked_pairs
+from rankpm.engine.score.scorer import evaluate_model_folder
 
 
 def test_the_finetune_source_has_graded_multi_response_rankings():
@@ -31,7 +33,14 @@ def test_objectives_experiment_runs_and_writes_its_table_and_plot(tmp_path, caps
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["objective"] for r in rows] == ["ranked", "binary", "imitation"]
     assert [r["judge"] for r in rows] == ["score", "binary", "logprob"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["pairs"] > 0 for r in rows)
+    # each row is its own model's evaluation on every pair of the held-out file, with its judge:
+    # what `rankpm eval` reports for that model folder
+    eval_pairs = sum(len(ranked_pairs(g)) for g in read_groups([out / "data" / "eval.jsonl"]))
+    for row in rows:
+        again = evaluate_model_folder(out / "runs" / f"xxs-{row['objective']}" / "model",
+                                      [str(out / "data" / "eval.jsonl")])
+        assert row["pairs"] == again["eval_pairs"] == eval_pairs
+        assert row["accuracy"] == pytest.approx(again["eval_accuracy"], abs=1e-6) and again["judge"] == row["judge"]
     assert (out / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
     assert "| xxs |" in (out / "results.md").read_text()
 
