@@ -188,7 +188,7 @@ def preflight(cfg: RunConfig) -> None:
     if written == cfg.cluster.workers:
         return
     reason = resize_refusal(last)
-    if reason is None and cfg.data.max_tokens is not None:
+    if reason is None and cfg.data.tokens_per_batch is not None:
         reason = f"{UNEVEN_BATCHES}; resume with --workers {written}"
     if reason:
         raise ClusterRunError(f"{last}: written by {written} data-parallel ranks, resuming with cluster.workers="

@@ -59,7 +59,13 @@ class DataConfig:
     truncation: Literal["left", "error"] = "left"
     skip_bad: bool = False
     batch_groups: int = 16  # groups per micro-batch per rank
-    max_tokens: int | None = None  # token budget per micro-batch instead of a group count
+    # A token budget per micro-batch instead of a group count: whole groups, counted in the real
+    # tokens they take in the layout (a shared context once).
+    tokens_per_batch: int | None = None
+    # How groups are laid out (rankpm.engine.data.collate): "auto" shares each group's context
+    # on causal backbones and packs sequences on encoders; "stacked" is one padded row per response.
+    layout: Literal["auto", "stacked", "shared", "packed"] = "auto"
+    prefetch: int = 2  # batches built ahead of the step in a background thread (0: none)
     shuffle_buffer: int = 1024
     eval_batch_groups: int = 64
     # Text-level pair transforms before tokenization (rankpm.engine.data.transforms).
@@ -213,7 +219,8 @@ RANGES = [
     ("model.dropout", lambda x: 0 <= x < 1, "a number in [0, 1)"),
     ("data.max_length", lambda x: x >= 8, "an integer >= 8"),
     ("data.batch_groups", lambda x: x >= 1, "an integer >= 1"),
-    ("data.max_tokens", lambda x: x >= 1, "an integer >= 1, or null"),
+    ("data.tokens_per_batch", lambda x: x >= 1, "an integer >= 1, or null"),
+    ("data.prefetch", lambda x: x >= 0, "an integer >= 0"),
     ("data.shuffle_buffer", lambda x: x >= 1, "an integer >= 1"),
     ("data.eval_batch_groups", lambda x: x >= 1, "an integer >= 1"),
     ("data.synthetic.train_groups", lambda x: x >= 1, "an integer >= 1"),

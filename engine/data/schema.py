@@ -61,26 +61,50 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
+LAYOUTS = ("stacked", "shared", "packed")
+# What the LM targets of a batch cover: none; the preferred sequences' whole sample (PM + LM);
+# their responses only (imitation learning); every sequence's response (the log-prob judge).
+TARGETS = ("none", "sample", "response", "all_responses")
+
+
 @dataclass
 class Batch:
-    """G comparison groups flattened to S = sum(K_g) sequences.
+    """G comparison groups (S = sum K_g responses) laid out in R rows of T tokens.
 
-    Sequence s is ``context + response + [end_of_context]``, right-padded with pad_id.
-    The score is read at ``score_index[s]``, recorded here when the batch is built and
-    never inferred from padding.
+    Layouts (rankpm.engine.data.collate):
+      stacked  one row per response: context + response + [eoc], as every peer trains;
+      shared   one segment per group: context, then each response + [eoc] after it; each
+               response sees the context and itself only, its positions continue from the
+               context's end, so its score equals the stacked one (causal backbones);
+      packed   one segment per response, as stacked, several per row (encoders).
+    Groups are packed whole into rows no longer than the longest group; rows end in padding
+    (segment 0). The attention mask is the model's to build from segment_ids and part_ids.
+    Scores are read at ``score_index`` (flat, into R * T), recorded here and never inferred
+    from padding.
     """
 
-    input_ids: torch.Tensor  # (S, T) int64
-    attention_mask: torch.Tensor  # (S, T) int64, 1 on real tokens
-    score_index: torch.Tensor  # (S,) int64, position of the end-of-context token
-    response_mask: torch.Tensor  # (S, T) bool, True on response tokens only
-    group_offsets: torch.Tensor  # (G + 1,) int64, sequences of group g: [off[g], off[g+1])
+    layout: str
+    targets: str  # which LM targets lm_* hold (TARGETS)
+    input_ids: torch.Tensor  # (R, T) int64, pad_id after a row's last token
+    position_ids: torch.Tensor  # (R, T) int64, positions as each sequence sees them
+    segment_ids: torch.Tensor  # (R, T) int32, 0 on padding; tokens attend within their segment only
+    part_ids: torch.Tensor  # (R, T) int32, 0: context; k + 1: response k with its eoc (sees part 0 and k + 1)
+    score_index: torch.Tensor  # (S,) int64, flat index of each response's end-of-context token
+    group_offsets: torch.Tensor  # (G + 1,) int64, responses of group g: [off[g], off[g+1])
     ranks: torch.Tensor  # (S,) int64, lower is better
     margin: torch.Tensor  # (G,) float32, 0 where the input gave none
     ratings: torch.Tensor  # (S,) float32, 0 where the input gave none
     turns: torch.Tensor  # (G,) int64
+    # next-token targets (``TARGETS``): the flat index of the predicting token, the token to
+    # predict, and the response it belongs to; counts known on the host, so no sync
+    lm_index: torch.Tensor  # (L,) int64
+    lm_targets: torch.Tensor  # (L,) int64
+    lm_sequence: torch.Tensor  # (L,) int64
+    lm_sequences: int = 0  # responses with at least one target
+    num_tokens: int = 0  # real tokens (a shared context counted once)
     ids: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    reader_state: dict | None = None  # the reader's position after this batch (exact resume)
 
     @property
     def num_groups(self) -> int:
@@ -88,15 +112,17 @@ class Batch:
 
     @property
     def num_sequences(self) -> int:
-        return self.input_ids.shape[0]
+        return self.score_index.numel()
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    def padded_tokens(self) -> int:
+        return self.input_ids.numel()
 
-    def to(self, device: torch.device | str) -> "Batch":
-        moved = {
-            name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for name, value in self.__dict__.items()
-        }
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+        moved = {name: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+                 for name, value in self.__dict__.items()}
         return Batch(**moved)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(**{name: value.pin_memory() if isinstance(value, torch.Tensor) else value
+                        for name, value in self.__dict__.items()})

@@ -22,11 +22,16 @@ a group. ``resume_from`` continues from the states of a run with another number 
 where those cursors leave every position before some global position F read and none
 after it, every new rank starts at F (batching by group count always leaves them so).
 
-Batching: ``batch_groups`` groups per batch, or with ``max_tokens`` as many groups as keep
-the padded size S * T within the budget (a group over budget alone is its own batch).
-``loop=True`` streams forever, epoch after epoch, batches running on across epoch ends (so
-data-parallel ranks never run dry at different times); ``loop=False`` is one pass to the
-end of the current epoch, the last batch possibly smaller.
+Batching: ``batch_groups`` groups per batch, or with ``tokens_per_batch`` as many whole
+groups as fit the budget, counted in the real tokens the groups take in the batch's layout
+(a shared context once); a budget below the largest group is refused at once. A batch is
+built from the shard rows of its groups in one Arrow ``take`` and laid out without
+per-token Python objects (rankpm.engine.data.collate); it carries the reader's position
+after it (``Batch.reader_state``), so a consumer that reads ahead (the loop's prefetch
+thread) still saves exactly what it trained on. ``loop=True`` streams forever, epoch after
+epoch, batches running on across epoch ends (so data-parallel ranks never run dry at
+different times); ``loop=False`` is one pass to the end of the current epoch, the last
+batch possibly smaller.
 """
 from __future__ import annotations
 
@@ -38,8 +43,10 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from rankpm.engine.data.collate import collate
-from rankpm.engine.data.schema import SCHEMA_VERSION, SHARD_SCHEMA, Batch
+import pyarrow.compute as pc
+
+from rankpm.engine.data.collate import collate_table, layout_tokens
+from rankpm.engine.data.schema import LAYOUTS, SCHEMA_VERSION, SHARD_SCHEMA, TARGETS, Batch
 
 STATE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -50,26 +57,30 @@ class ReaderStateError(ValueError):
     pass
 
 
-UNEVEN_BATCHES = ("token-budget batches (data.max_tokens) advance the ranks unevenly, so their positions "
-                  "cannot be mapped to another number of ranks")
+UNEVEN_BATCHES = ("token-budget batches (data.tokens_per_batch) advance the ranks unevenly, so their "
+                  "positions cannot be mapped to another number of ranks")
 
 
 class ComparisonStream:
     def __init__(self, data_dir: str | Path, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1024, batch_groups: int = 8,
-                 max_tokens: int | None = None, loop: bool = True, interleave: int | None = None):
+                 tokens_per_batch: int | None = None, loop: bool = True, interleave: int | None = None,
+                 layout: str = "stacked", targets: str = "none"):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
         for name, value in (("shuffle_buffer", shuffle_buffer), ("batch_groups", batch_groups)):
             if value < 1:
                 raise ValueError(f"{name}={value}: expected a positive integer")
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"max_tokens={max_tokens}: expected a positive integer or None")
+        if tokens_per_batch is not None and tokens_per_batch < 1:
+            raise ValueError(f"tokens_per_batch={tokens_per_batch}: expected a positive integer or None")
+        if layout not in LAYOUTS or targets not in TARGETS:
+            raise ValueError(f"layout={layout!r}, targets={targets!r}: expected one of {LAYOUTS} and {TARGETS}")
         self.data_dir = Path(data_dir)
         self.manifest = _read_manifest(self.data_dir)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.shuffle_buffer, self.loop = shuffle, shuffle_buffer, loop
-        self.batch_groups, self.max_tokens = batch_groups, max_tokens
+        self.batch_groups, self.tokens_per_batch = batch_groups, tokens_per_batch
+        self.layout, self.targets = layout, targets
         self.pad_id = self.manifest["tokenizer"]["pad_id"]
         self.eoc_id = self.manifest["tokenizer"]["eoc_id"]
 
@@ -77,7 +88,7 @@ class ComparisonStream:
         self._shard_starts = np.concatenate([[0], np.cumsum(self._shard_rows)])
         self.total_groups = int(self._shard_starts[-1])
         # ranks alternate by whole micro-batches; one rank needs no interleave at all
-        self.interleave = 1 if world_size == 1 else (interleave or (batch_groups if max_tokens is None else 1))
+        self.interleave = 1 if world_size == 1 else (interleave or (batch_groups if tokens_per_batch is None else 1))
         self.num_groups = self._share_size()  # this rank's groups in one pass over epoch 0
         if loop and self.num_groups == 0:
             raise ValueError(f"{self.data_dir}: rank {rank} of {world_size} has no groups to loop over "
@@ -86,6 +97,29 @@ class ComparisonStream:
         self._layout_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self._block_cache: tuple[tuple[int, int], np.ndarray] | None = None
         self._epoch, self._position = 0, 0  # the next group to hand out
+        self._group_tokens: np.ndarray | None = None
+        if tokens_per_batch is not None and self.total_groups:
+            largest = int(self.group_tokens().max())
+            if largest > tokens_per_batch:
+                raise ValueError(f"data.tokens_per_batch={tokens_per_batch} is smaller than the largest group of "
+                                 f"{self.data_dir} in the {layout} layout ({largest} tokens); set it to at least "
+                                 f"{largest}")
+
+    def group_tokens(self) -> np.ndarray:
+        """Real tokens each group (global row) takes in this stream's layout; from the shards'
+        length columns, vectorised."""
+        if self._group_tokens is None:
+            parts = []
+            for shard in range(len(self.manifest["shards"])):
+                table = self._table(shard)
+                ctx = pc.list_value_length(table.column("context_ids")).to_numpy(zero_copy_only=False)
+                responses = table.column("response_ids").combine_chunks()
+                k = pc.list_value_length(responses).to_numpy(zero_copy_only=False)
+                inner = pc.list_value_length(pc.list_flatten(responses)).to_numpy(zero_copy_only=False)
+                per_group = np.split(inner, np.cumsum(k)[:-1]) if len(k) else []
+                parts.append(layout_tokens(ctx.astype(np.int64), per_group, self.layout))
+            self._group_tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return self._group_tokens
 
     @property
     def epoch(self) -> int:
@@ -100,8 +134,11 @@ class ComparisonStream:
 
     def state_dict(self) -> dict:
         """The position after the last batch handed out, with what it is only valid for."""
-        return {"version": STATE_VERSION, **self._identity(), "epoch": self._epoch, "position": self._position,
-                "batch_groups": self.batch_groups, "max_tokens": self.max_tokens}
+        return self._state(self._epoch, self._position)
+
+    def _state(self, epoch: int, position: int) -> dict:
+        return {"version": STATE_VERSION, **self._identity(), "epoch": epoch, "position": position,
+                "batch_groups": self.batch_groups, "tokens_per_batch": self.tokens_per_batch}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -140,7 +177,7 @@ class ComparisonStream:
             if diffs:
                 raise ReaderStateError(f"reader state of rank {st['rank']} does not match this stream over "
                                        f"{self.data_dir}: " + "; ".join(diffs))
-            if st.get("max_tokens") is not None or self.max_tokens is not None:
+            if st.get("tokens_per_batch") is not None or self.tokens_per_batch is not None:
                 raise ReaderStateError(UNEVEN_BATCHES)
         n, unit = self.total_groups, states[0]["interleave"]
         cursors = [st["epoch"] * n + st["position"] for st in states]  # global positions read up to
@@ -159,41 +196,38 @@ class ComparisonStream:
     # ----- batches ---------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
-        rows, after, sequences, longest = [], None, 0, 0
-        for row, cursor in self._walk(self._epoch, self._position, self.loop):
-            if self.max_tokens is None:
-                rows.append(row)
+        picked, after, tokens = [], None, 0
+        for index, cursor in self._walk(self._epoch, self._position, self.loop):
+            if self.tokens_per_batch is None:
+                picked.append(index)
                 after = cursor
-                if len(rows) == self.batch_groups:
-                    yield self._emit(rows, after)
-                    rows = []
+                if len(picked) == self.batch_groups:
+                    yield self._emit(picked, after)
+                    picked = []
                 continue
-            k = len(row["response_ids"])
-            t = max(len(row["context_ids"]) + len(r) + 1 for r in row["response_ids"])
-            if rows and (sequences + k) * max(longest, t) > self.max_tokens:
-                yield self._emit(rows, after)
-                rows, sequences, longest = [], 0, 0
-            rows.append(row)
-            after, sequences, longest = cursor, sequences + k, max(longest, t)
-        if rows:
-            yield self._emit(rows, after)
+            size = int(self.group_tokens()[index])
+            if picked and tokens + size > self.tokens_per_batch:
+                yield self._emit(picked, after)
+                picked, tokens = [], 0
+            picked.append(index)
+            after, tokens = cursor, tokens + size
+        if picked:
+            yield self._emit(picked, after)
 
-    def _emit(self, rows: list[dict], after: tuple[int, int]) -> Batch:
+    def _emit(self, rows: list[int], after: tuple[int, int]) -> Batch:
         self._epoch, self._position = after  # state_dict() now points past these rows
-        return collate(rows, self.pad_id, self.eoc_id)
-
-    def iter_rows(self) -> Iterator[dict]:
-        """One pass over this rank's share in the current epoch's order; no batching, no state change."""
-        for row, _ in self._walk(self._epoch, 0, loop=False):
-            yield row
+        batch = collate_table(self._take(np.asarray(rows, dtype=np.int64)), self.pad_id, self.eoc_id,
+                              layout=self.layout, targets=self.targets)
+        batch.reader_state = self._state(*after)
+        return batch
 
     def _share_size(self) -> int:
         n, unit = self.total_groups, self.interleave
         mine = range(self.rank, -(-n // unit), self.world_size)
         return sum(min(unit, n - u * unit) for u in mine)
 
-    def _walk(self, epoch: int, position: int, loop: bool) -> Iterator[tuple[dict, tuple[int, int]]]:
-        """(row, cursor after it) for this rank's positions from (epoch, position) on."""
+    def _walk(self, epoch: int, position: int, loop: bool) -> Iterator[tuple[int, tuple[int, int]]]:
+        """(global row, cursor after it) for this rank's positions from (epoch, position) on."""
         n = self.total_groups
         if self.num_groups == 0:
             return
@@ -207,7 +241,7 @@ class ComparisonStream:
                 spots = spots[((base + spots) // self.interleave) % self.world_size == self.rank]
                 if len(spots):
                     rows = self._block(epoch, int(order[b]))[spots - int(starts[b])]
-                    for spot, row in zip(spots.tolist(), self._read(rows)):
+                    for spot, row in zip(spots.tolist(), rows.tolist()):
                         yield row, ((epoch + 1, 0) if spot + 1 == n else (epoch, spot + 1))
                 position = hi
                 b += 1
@@ -238,16 +272,17 @@ class ComparisonStream:
             self._block_cache = (key, rows)
         return self._block_cache[1]
 
-    def _read(self, rows: np.ndarray) -> list[dict]:
-        """Rows by global index, in the given order."""
+    def _take(self, rows: np.ndarray) -> pa.Table:
+        """Shard rows by global index, in the given order, as one table."""
         shard_of = np.searchsorted(self._shard_starts, rows, side="right") - 1
-        out: list[dict | None] = [None] * len(rows)
+        parts, order = [], []
         for shard in np.unique(shard_of):
             where = np.nonzero(shard_of == shard)[0]
-            local = rows[where] - self._shard_starts[shard]
-            for i, row in zip(where, self._table(int(shard)).take(pa.array(local)).to_pylist()):
-                out[i] = row
-        return out
+            parts.append(self._table(int(shard)).take(pa.array(rows[where] - self._shard_starts[shard])))
+            order.append(where)
+        if len(parts) == 1:
+            return parts[0]
+        return pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(order))))
 
     def _table(self, shard: int) -> pa.Table:
         if shard in self._tables:

@@ -1,7 +1,9 @@
 """PreferenceModel: a transformers backbone with a scalar head read at the end-of-context token.
 
 The position of that token is given by the batch (``score_index``), recorded when the
-batch was built; it is never inferred from padding, so pad == EOS cannot shift it.
+batch was built; it is never inferred from padding, so pad == EOS cannot shift it. The
+model owns its attention mask: it builds the one of the batch's layout for its backbone
+(rankpm.engine.model.attention).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch import nn
 from rankpm.engine.config import ModelConfig
 from rankpm.engine.fingerprint import require_same, tokenizer_key
 from rankpm.engine.io import atomic_dir
+from rankpm.engine.model.attention import attends_causally, attention_mask
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +34,12 @@ MODEL_FILE = "rankpm_model.json"
 HEAD_FILE = "score_head.pt"
 
 
-IGNORE_INDEX = -100
-
-
 class ModelOutput(NamedTuple):
-    scores: torch.Tensor  # (S,) float32, one score per sequence
-    hidden: torch.Tensor  # (S, T, H) last hidden states
-    # (S, T) float32 log p(lm_targets[s, t] | tokens <= t), 0 where the target is ignored;
-    # None unless forward was given lm_targets.
-    token_logprobs: torch.Tensor | None = None
+    scores: torch.Tensor  # (S,) float32, one score per response
+    hidden: torch.Tensor  # (R, T, H) last hidden states
+    # the batch's LM targets: their summed negative log-likelihood (a differentiable scalar), or
+    # with lm_reduction="none" each target's log-probability (L,); None without targets
+    lm: torch.Tensor | None = None
 
 
 class PreferenceModel(nn.Module):
@@ -51,10 +51,15 @@ class PreferenceModel(nn.Module):
         self.score_head = nn.Linear(hidden, 1)
         nn.init.normal_(self.score_head.weight, std=1.0 / (hidden + 1) ** 0.5)
         nn.init.zeros_(self.score_head.bias)
+        self.causal = attends_causally(transformer)
 
     @property
     def config(self):
         return self.transformer.config
+
+    @property
+    def attention_implementation(self) -> str:
+        return getattr(self.transformer.config, "_attn_implementation", None) or "eager"
 
     @property
     def lm_head(self) -> nn.Linear:
@@ -62,41 +67,40 @@ class PreferenceModel(nn.Module):
             raise ValueError("this backbone was built without an LM head; configure an LM term to keep it")
         return self.transformer.get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask, score_index, lm_targets=None) -> ModelOutput:
-        """Scores at ``score_index``; with ``lm_targets`` (S, T) also the target log-probs.
+    def forward(self, input_ids, position_ids, segment_ids, part_ids, score_index, *, layout: str = "stacked",
+                lm_index=None, lm_targets=None, lm_reduction: str = "sum") -> ModelOutput:
+        """Scores at ``score_index`` (flat into R * T); with LM targets also their loss.
 
-        ``lm_targets[s, t]`` is the token to predict from position t (usually
-        input_ids[s, t + 1]) or IGNORE_INDEX. The LM head runs here, inside the module's
-        forward, through the fused linear cross-entropy (no (S, T, V) logits): DeepSpeed
-        ZeRO-3 gathers any parameter read during a module's forward (it registers it as an
-        external parameter on first access), so lm_head.weight is whole when the kernel reads
-        it; read anywhere else it would be an empty partition.
+        The mask of the layout (rankpm.engine.model.attention) is built here. The LM head
+        runs here, inside the module's forward, through the fused linear cross-entropy on
+        the target rows only (no (R, T, V) logits): DeepSpeed ZeRO-3 gathers any parameter
+        read during a module's forward (it registers it as an external parameter on first
+        access), so lm_head.weight is whole when the kernel reads it; read anywhere else it
+        would be an empty partition.
         """
-        hidden = self.transformer.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        at_eoc = hidden[rows, score_index]  # (S, H)
-        scores = self.score_head(at_eoc).squeeze(-1).float()
-        token_logprobs = None
-        if lm_targets is not None:
-            token_logprobs = self._token_logprobs(hidden, lm_targets)
-        return ModelOutput(scores, hidden, token_logprobs)
+        dtype = self.transformer.get_input_embeddings().weight.dtype
+        mask = attention_mask(layout, segment_ids, part_ids, causal=self.causal,
+                              implementation=self.attention_implementation, dtype=dtype)
+        hidden = self.transformer.base_model(input_ids=input_ids, attention_mask=mask,
+                                             position_ids=position_ids).last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (R * T, H)
+        scores = _at_least_fp32(self.score_head(flat[score_index]).squeeze(-1))
+        lm = None
+        if lm_index is not None:
+            lm = self._lm(flat[lm_index], lm_targets, lm_reduction)
+        return ModelOutput(scores, hidden, lm)
 
-    def _token_logprobs(self, hidden: torch.Tensor, lm_targets: torch.Tensor) -> torch.Tensor:
+    def _lm(self, rows: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         from rankpm.kernels.linear_cross_entropy import linear_cross_entropy
 
         head = self.lm_head
-        S, T, H = hidden.shape
-        flat_targets = lm_targets.reshape(-1)
-        keep = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)  # only the tokens with a target
         # under autocast the hidden states are bf16 and the head's weight fp32: compute in the
         # activations' dtype (the kernel accumulates in fp32 whatever the input dtype)
-        weight, bias = head.weight.to(hidden.dtype), getattr(head, "bias", None)
-        bias = bias.to(hidden.dtype) if bias is not None else None
-        nll = linear_cross_entropy(hidden.reshape(S * T, H)[keep], weight, flat_targets[keep], bias,
-                                   reduction="none")
-        out = torch.zeros(S * T, dtype=torch.float32, device=hidden.device)
-        out = out.index_put((keep,), -nll.float())
-        return out.view(S, T)
+        weight, bias = head.weight.to(rows.dtype), getattr(head, "bias", None)
+        bias = bias.to(rows.dtype) if bias is not None else None
+        if reduction == "sum":  # the training path: the gradient made in the forward pass (6 N H V flops)
+            return _at_least_fp32(linear_cross_entropy(rows, weight, targets, bias, reduction="sum"))
+        return -_at_least_fp32(linear_cross_entropy(rows, weight, targets, bias, reduction="none"))
 
     # -- building and saving -------------------------------------------------------
 
@@ -203,6 +207,11 @@ class PreferenceModel(nn.Module):
     @staticmethod
     def read_meta(directory: str | Path) -> dict:
         return json.loads((Path(directory) / MODEL_FILE).read_text())
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Scores and losses in fp32 when the model runs in bf16/fp16; fp64 stays fp64 (tests)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 @contextlib.contextmanager

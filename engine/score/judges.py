@@ -18,7 +18,6 @@ from typing import NamedTuple
 import torch
 
 from rankpm.engine.data.schema import Batch
-from rankpm.engine.model.preference_model import IGNORE_INDEX
 
 JUDGES = ("score", "binary", "logprob")
 
@@ -34,25 +33,31 @@ def judge_for_objective(name: str) -> str:
     return {"ranked": "score", "binary": "binary", "imitation": "logprob"}[name]
 
 
-def shifted_targets(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """lm_targets[s, t] = input_ids[s, t + 1] where mask[s, t + 1], else IGNORE_INDEX: (S, T)."""
-    targets = torch.full_like(input_ids, IGNORE_INDEX)
-    targets[:, :-1] = torch.where(mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX)
-    return targets
+def batch_targets(kind: str) -> str:
+    """The LM targets a judge needs its batches to carry (rankpm.engine.data.schema.TARGETS)."""
+    return "all_responses" if kind == "logprob" else "none"
+
+
+def forward(model, batch: Batch, **lm):
+    """The model on a batch, in the batch's layout."""
+    return model(batch.input_ids, batch.position_ids, batch.segment_ids, batch.part_ids, batch.score_index,
+                 layout=batch.layout, **lm)
 
 
 def judge(model, batch: Batch, kind: str) -> Judged:
     if kind == "score":
-        scores = model(batch.input_ids, batch.attention_mask, batch.score_index).scores.float()
-        return Judged(scores, batch.ranks, batch.group_offsets, batch.margin)
+        return Judged(forward(model, batch).scores.float(), batch.ranks, batch.group_offsets, batch.margin)
     if kind == "binary":
-        scores = model(batch.input_ids, batch.attention_mask, batch.score_index).scores.float()
-        return binary_logits(scores, batch.ranks, batch.group_offsets, batch.margin)
+        return binary_logits(forward(model, batch).scores.float(), batch.ranks, batch.group_offsets, batch.margin)
     if kind == "logprob":
-        targets = shifted_targets(batch.input_ids, batch.response_mask)
-        logprobs = model(batch.input_ids, batch.attention_mask, batch.score_index, lm_targets=targets).token_logprobs
-        counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-        return Judged(logprobs.sum(dim=1) / counts, batch.ranks, batch.group_offsets, batch.margin)
+        if batch.targets != "all_responses":
+            raise ValueError("logprob judge: the batch carries no response targets; build it with "
+                             "targets='all_responses'")
+        logprobs = forward(model, batch, lm_index=batch.lm_index, lm_targets=batch.lm_targets, lm_reduction="none").lm
+        S = batch.num_sequences
+        totals = logprobs.new_zeros(S).index_add_(0, batch.lm_sequence, logprobs)
+        counts = logprobs.new_zeros(S).index_add_(0, batch.lm_sequence, torch.ones_like(logprobs))
+        return Judged(totals / counts.clamp(min=1), batch.ranks, batch.group_offsets, batch.margin)
     raise ValueError(f"judge={kind!r}: expected one of {JUDGES}")
 
 

@@ -187,12 +187,14 @@ def report_model_folder(model_dir: str | Path, data_dir: str | Path, *, judge: s
     from rankpm.engine.score.judges import judge_for_objective
     from rankpm.engine.model.preference_model import PreferenceModel
 
-    from rankpm.engine.score.scorer import check_data_for_model
+    from rankpm.engine.score.judges import batch_targets
+    from rankpm.engine.score.scorer import check_data_for_model, model_layout
 
     check_data_for_model(Path(model_dir), Path(data_dir))
     meta = PreferenceModel.read_meta(model_dir)
     if judge is None:
         judge = judge_for_objective(meta.get("config", {}).get("objective", {}).get("name", "ranked"))
     model = PreferenceModel.load(model_dir, with_lm_head=True if judge == "logprob" else None).to(device)
-    stream = ComparisonStream(data_dir, shuffle=False, batch_groups=batch_groups, loop=False)
+    stream = ComparisonStream(data_dir, shuffle=False, batch_groups=batch_groups, loop=False, layout=model_layout(model),
+                              targets=batch_targets(judge))
     return analyse(collect_pairs(model, stream, judge=judge, device=device), name=name)

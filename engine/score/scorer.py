@@ -15,8 +15,10 @@ from rankpm.engine.data.collate import collate
 from rankpm.engine.data.tokenizer import load_tokenizer
 from rankpm.engine.fingerprint import MismatchError, require_same, tokenizer_key
 from rankpm.engine.io import ensure_folder
+from rankpm.engine.model.attention import choose_layout
 from rankpm.engine.model.preference_model import MODEL_FILE, PreferenceModel, folder_tokenizer
 from rankpm.engine.score.evaluate import evaluate
+from rankpm.engine.score.judges import batch_targets, forward
 from rankpm.engine.train.strategy import LocalStrategy
 
 MANIFEST = "manifest.json"
@@ -73,8 +75,14 @@ class RewardScorer:
         ctx = ctx[len(ctx) - max(room, 0):] if room < len(ctx) else ctx
         row = {"id": "", "source": "", "turns": 1, "margin": None, "ratings": None, "ranks": list(range(len(resp))),
                "context_ids": ctx, "response_ids": resp}
-        batch = collate([row], pad_id=self.tokenizer.pad_id, eoc_id=self.tokenizer.eoc_id).to(self.device)
-        return self.model(batch.input_ids, batch.attention_mask, batch.score_index).scores.tolist()
+        batch = collate([row], pad_id=self.tokenizer.pad_id, eoc_id=self.tokenizer.eoc_id,
+                        layout=model_layout(self.model)).to(self.device)
+        return forward(self.model, batch).scores.tolist()
+
+
+def model_layout(model: PreferenceModel) -> str:
+    """The layout a saved model scores in: shared on causal backbones, packed on encoders, as in training."""
+    return choose_layout("auto", model.causal, model.attention_implementation)[0]
 
 
 def check_inputs(context, responses) -> None:
@@ -155,14 +163,16 @@ def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: st
         model = PreferenceModel.load(model_dir, with_lm_head=True if judge == "logprob" else None)
         strategy = LocalStrategy(device=torch.device("cpu"))
         strategy.setup(model, None, None)
-        stream = ComparisonStream(data_dir, shuffle=False, batch_groups=batch_groups, loop=False)
+        options = dict(shuffle=False, batch_groups=batch_groups, loop=False, layout=model_layout(model),
+                       targets=batch_targets(judge))
+        stream = ComparisonStream(data_dir, **options)
         report = evaluate(model, stream, strategy=strategy, judge=judge)
         report["judge"] = judge
         report["skipped_rows"] = len(stream.manifest.get("skipped", []))
         report["checkpoint_score_stats"] = meta.get("score_stats", {})
         if report_dir is not None:
             from rankpm.engine.score.report import analyse, collect_pairs, write_report
-            stream = ComparisonStream(data_dir, shuffle=False, batch_groups=batch_groups, loop=False)
+            stream = ComparisonStream(data_dir, **options)
             section = analyse(collect_pairs(model, stream, judge=judge), name="eval")
             write_report(report_dir, [section], title=f"rankpm eval: {model_dir}",
                          extra={"model": str(model_dir), "data": [str(d) for d in data],

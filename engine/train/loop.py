@@ -25,11 +25,14 @@ from pathlib import Path
 import torch
 
 from rankpm.engine.config import ConfigError, RunConfig
-from rankpm.engine.data.run_data import resolve_run_data
+from rankpm.engine.data.prefetch import Prefetcher
+from rankpm.engine.data.run_data import read_manifest, resolve_run_data
 from rankpm.engine.data.stream import ComparisonStream
 from rankpm.engine.data.tokenizer import load_tokenizer
+from rankpm.engine.model.attention import choose_layout
 from rankpm.engine.model.preference_model import PreferenceModel
 from rankpm.engine.score.evaluate import evaluate
+from rankpm.engine.score.judges import batch_targets, forward
 from rankpm.engine.train.checkpoint import (latest_checkpoint, load_checkpoint, read_trainer_state, remove_unfinished,
                                             save_checkpoint, seed_everything)
 from rankpm.engine.train.metrics import MetricsLog, Window
@@ -88,12 +91,9 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
     tokenizer = load_tokenizer(str(data.tokenizer_dir))
     objective = build_objective(cfg.objective)
 
-    stream = ComparisonStream(data.train_dir, rank=strategy.rank, world_size=strategy.world_size,
-                              seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                              batch_groups=cfg.data.batch_groups, max_tokens=cfg.data.max_tokens, loop=True)
-    train_groups = stream.manifest["counts"]["groups"]
+    train_groups = read_manifest(data.train_dir)["counts"]["groups"]
     plan = plan_steps(cfg, train_groups, strategy.world_size)
-    if data.eval_dir is not None and ComparisonStream(data.eval_dir, shuffle=False, loop=False).total_groups == 0:
+    if data.eval_dir is not None and read_manifest(data.eval_dir)["counts"]["groups"] == 0:
         raise ConfigError(f"data.eval: {data.eval_dir} holds no comparison groups to evaluate on")
     total_steps = plan.total_steps
     # a changed step count (allowed by resume_with_changes) keeps the schedule the run began with
@@ -103,6 +103,13 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
     model = PreferenceModel.build(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                   eoc_id=tokenizer.eoc_id, max_length=cfg.data.max_length,
                                   with_lm_head=objective.needs_lm_head, tokenizer=tokenizer.identity())
+    layout, why = choose_layout(cfg.data.layout, model.causal, model.attention_implementation)
+    if strategy.is_main:
+        log.info("batch layout %s: %s", layout, why)
+    stream = ComparisonStream(data.train_dir, rank=strategy.rank, world_size=strategy.world_size,
+                              seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                              batch_groups=cfg.data.batch_groups, tokens_per_batch=cfg.data.tokens_per_batch,
+                              loop=True, layout=layout, targets=objective.targets)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, horizon)
     model = strategy.setup(model, optimizer, scheduler)
@@ -141,6 +148,7 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
         metrics.record("config", step, {"config": cfg.to_dict(), "total_steps": total_steps,
                                         "schedule_steps": horizon, "planned_epochs": plan.epochs,
                                         "world_size": strategy.world_size, "train_groups": train_groups,
+                                        "layout": layout,
                                         **({"resumed": resumed} if resumed else {})})
 
     def run_eval() -> dict:
@@ -149,13 +157,14 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
         # ranks alternate group by group (evaluation needs no layout parity, only coverage)
         eval_stream = ComparisonStream(data.eval_dir, rank=strategy.rank, world_size=strategy.world_size,
                                        shuffle=False, batch_groups=cfg.data.eval_batch_groups, loop=False,
-                                       interleave=1)
+                                       interleave=1, layout=layout, targets=batch_targets(objective.judge))
         local = torch.tensor(float(math.ceil(eval_stream.num_groups / cfg.data.eval_batch_groups)),
                              device=strategy.device)
         most = int(strategy.all_reduce(local, op="max").item())
         filler = None
         if eval_stream.num_groups == 0:  # more ranks than evaluation groups
-            filler = next(iter(ComparisonStream(data.eval_dir, shuffle=False, batch_groups=1, loop=False)))
+            filler = next(iter(ComparisonStream(data.eval_dir, shuffle=False, batch_groups=1, loop=False,
+                                                layout=layout, targets=batch_targets(objective.judge))))
         return evaluate(model, eval_stream, strategy=strategy, num_batches=most, judge=objective.judge,
                         filler=filler)
 
@@ -191,49 +200,56 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
             export_model(strategy, folder, tokenizer_dir=data.tokenizer_dir, cfg=cfg, eval_metrics=last)
 
         return save_checkpoint(strategy, out_dir, step=step, keep_last=cfg.train.keep_last,
-                               reader_state=stream.state_dict(), export=export,
+                               reader_state=reader_state, export=export,
                                trainer_state={**counters, "config": cfg.to_dict(), "metrics": last,
                                               "schedule_steps": horizon, "metrics_rows": metrics.rows})
 
-    batches = iter(stream)
+    # the position saved is the one after the last batch trained on, not the reader's (it reads ahead)
+    reader_state = stream.state_dict()
+    batches = Prefetcher(iter(stream), depth=cfg.data.prefetch, pin=strategy.device.type == "cuda") \
+        if cfg.data.prefetch else iter(stream)
     start_pairs, train_start = counters["pairs_seen"], time.perf_counter()
     last_eval: dict = resume_state.get("metrics", {}) if resume_state else {}
-    model.train()
-    while step < total_steps:
-        nonfinite = torch.zeros((), dtype=torch.bool, device=strategy.device)
-        step_ids: list[str] = []
-        for micro in range(cfg.train.grad_accum):
-            batch = next(batches).to(strategy.device)
-            step_ids += batch.ids
-            with strategy.autocast():
-                output = model(batch.input_ids, batch.attention_mask, batch.score_index,
-                               **objective.model_inputs(batch))
-                result = objective(output, batch)
-            nonfinite |= ~torch.isfinite(result.loss.detach())
-            strategy.backward(result.loss)
-            window.add(result.sums, batch.attention_mask.sum(), batch.num_groups)
-            outcome = strategy.step(nonfinite if micro == cfg.train.grad_accum - 1 else None)
-        step += 1
-        updated = outcome == "updated"
-        window.end_step(updated)
-        if not updated:
-            counters["skipped_steps"] += 1
-            if cfg.train.on_nonfinite == "stop" or outcome == "nonfinite":
-                metrics.close()
-                raise NonFiniteError(_nonfinite_message(step, outcome, strategy.rank, step_ids, out_dir))
-            if strategy.is_main:
-                log.warning("step %d skipped: its loss or gradient norm is not finite (train.on_nonfinite=skip); "
-                            "groups: %s", step, ", ".join(step_ids[:10]))
-        metrics.advance()
+    try:
+        model.train()
+        while step < total_steps:
+            nonfinite = torch.zeros((), dtype=torch.bool, device=strategy.device)
+            step_ids: list[str] = []
+            for micro in range(cfg.train.grad_accum):
+                batch = next(batches)
+                reader_state = batch.reader_state
+                batch = batch.to(strategy.device)
+                step_ids += batch.ids
+                with strategy.autocast():
+                    output = forward(model, batch, **objective.model_inputs(batch))
+                    result = objective(output, batch)
+                nonfinite |= ~torch.isfinite(result.loss.detach())
+                strategy.backward(result.loss)
+                window.add(result.sums, batch.num_tokens, batch.num_groups)
+                outcome = strategy.step(nonfinite if micro == cfg.train.grad_accum - 1 else None)
+            step += 1
+            updated = outcome == "updated"
+            window.end_step(updated)
+            if not updated:
+                counters["skipped_steps"] += 1
+                if cfg.train.on_nonfinite == "stop" or outcome == "nonfinite":
+                    metrics.close()
+                    raise NonFiniteError(_nonfinite_message(step, outcome, strategy.rank, step_ids, out_dir))
+                if strategy.is_main:
+                    log.warning("step %d skipped: its loss or gradient norm is not finite (train.on_nonfinite=skip); "
+                                "groups: %s", step, ", ".join(step_ids[:10]))
+            metrics.advance()
 
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            log_window(step)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-            last_eval = run_eval()
-            metrics.record("eval", step, last_eval)
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
-            save(step, last_eval)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                log_window(step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+                last_eval = run_eval()
+                metrics.record("eval", step, last_eval)
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+                save(step, last_eval)
 
+    finally:
+        _close(batches)
     train_seconds = time.perf_counter() - train_start
     log_window(step)
     # the final checkpoint before the final evaluation: an evaluation that fails loses no training
@@ -256,6 +272,11 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
         "epochs": round(counters["groups_seen"] / train_groups, 4),
         "skipped_steps": counters["skipped_steps"],
     }
+
+
+def _close(batches) -> None:
+    if isinstance(batches, Prefetcher):
+        batches.close()
 
 
 def _nonfinite_message(step: int, outcome: str, rank: int, ids: list[str], out_dir: Path) -> str:

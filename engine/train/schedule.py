@@ -23,9 +23,9 @@ class StepPlan:
 def plan_steps(cfg: RunConfig, train_groups: int, world_size: int) -> StepPlan:
     """max_steps, or the steps that cover ``epochs`` passes at batch_groups per micro-batch."""
     t, d = cfg.train, cfg.data
-    if d.max_tokens is not None:
+    if d.tokens_per_batch is not None:
         if t.max_steps is None:
-            raise ConfigError("train.max_steps: required with data.max_tokens (token-budget batches hold a varying "
+            raise ConfigError("train.max_steps: required with data.tokens_per_batch (token-budget batches hold a varying "
                               "number of groups, so train.epochs cannot be turned into steps)")
         return StepPlan(t.max_steps, None, None)
     per_step = d.batch_groups * world_size * t.grad_accum

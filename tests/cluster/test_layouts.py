@@ -171,7 +171,7 @@ def test_resume_with_another_world_size_is_refused_with_the_reason_where_the_sta
     with pytest.raises(CheckpointError, match="written by 2 data-parallel ranks, resuming with 1: one local process "
                                               "loads only"):
         train(tiny_config(out, data=dict(layouts["data"], batch_groups=8), cluster={"workers": 1}))
-    token_budget = tiny_config(layouts["root"] / "zero0", data=dict(layouts["data"], max_tokens=4096, batch_groups=2),
+    token_budget = tiny_config(layouts["root"] / "zero0", data=dict(layouts["data"], tokens_per_batch=4096, batch_groups=2),
                                cluster={"workers": 4}, resume_with_changes=True)
     with pytest.raises(ClusterRunError, match="token-budget batches"):
         preflight(token_budget)

@@ -57,7 +57,7 @@ def test_overrides_apply_on_top(tmp_path):
     ("data: {train: x}\n", ["train.max_steps=0"], "train.max_steps: got 0, expected an integer >= 1"),
     ("data: {train: x}\n", ["train.epochs=0"], "train.epochs: got 0.0, expected a finite number > 0"),
     ("data: {train: x}\n", ["data.eval_batch_groups=0"], "data.eval_batch_groups: got 0, expected an integer >= 1"),
-    ("data: {train: x}\n", ["data.max_tokens=0"], "data.max_tokens: got 0, expected an integer >= 1"),
+    ("data: {train: x}\n", ["data.tokens_per_batch=0"], "data.tokens_per_batch: got 0, expected an integer >= 1"),
     ("data: {train: x}\n", ["model.dropout=1"], "model.dropout: got 1.0, expected a number in [0, 1)"),
     ("data: {train: x}\n", ["objective.rating_margin=.inf"], "objective.rating_margin: got inf"),
     ("data: {train: x}\n", ["cluster.gpus_per_worker=-1"], "cluster.gpus_per_worker: got -1.0"),

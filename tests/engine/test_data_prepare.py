@@ -101,7 +101,7 @@ def test_an_empty_response_is_stored_and_scored_right_after_the_context(tmp_path
     _, [row] = read_shards(tmp_path / "out")
     assert row["context_ids"] == [97, 98] and row["response_ids"] == [[], [99]]
     batch = collate([row], pad_id=256, eoc_id=257)
-    assert batch.score_index.tolist() == [2, 3] and batch.input_ids[0, :3].tolist() == [97, 98, 257]
+    assert batch.score_index.tolist() == [2, 4 + 3] and batch.input_ids[0, :3].tolist() == [97, 98, 257]
 
 
 def test_responses_that_truncation_makes_identical_are_a_bad_row(tmp_path):

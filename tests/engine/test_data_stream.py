@@ -79,17 +79,24 @@ def test_batches_by_group_count(data_dir):
     assert all(b.num_groups == 8 for b in looped)  # batches run on across epoch ends
 
 
-def test_batches_by_token_budget(data_dir):
+@pytest.mark.parametrize("layout", ["stacked", "shared"])
+def test_batches_by_token_budget(data_dir, layout):
+    """Whole groups up to the budget in real tokens of the layout (a shared context once)."""
     budget = 1200
-    batches = list(ComparisonStream(data_dir, seed=2, max_tokens=budget, loop=False))
+    stream = ComparisonStream(data_dir, seed=2, tokens_per_batch=budget, loop=False, layout=layout)
+    batches = list(stream)
     assert sorted(ids(batches)) == sorted(one_pass(data_dir))
-    for b in batches:
-        padded = b.input_ids.shape[0] * b.input_ids.shape[1]
-        assert padded <= budget or b.num_groups == 1
-    assert max(b.num_groups for b in batches) > 1
-    # a budget smaller than any group: every group alone in its batch
-    alone = list(ComparisonStream(data_dir, max_tokens=10, loop=False))
-    assert [b.num_groups for b in alone] == [1] * GROUPS
+    sizes = stream.group_tokens()
+    assert all(b.num_tokens <= budget for b in batches) and max(b.num_groups for b in batches) > 1
+    # each batch took groups until the next one would not fit
+    size_of = {b.ids[0]: b.num_tokens for b in ComparisonStream(data_dir, shuffle=False, batch_groups=1, loop=False,
+                                                                layout=layout)}
+    for b, following in zip(batches, batches[1:]):
+        assert b.num_tokens + size_of[following.ids[0]] > budget
+    # a budget below the largest group is refused at once, with the number needed
+    with pytest.raises(ValueError, match=rf"tokens_per_batch=10 is smaller than the largest group .* in the "
+                                         rf"{layout} layout \({sizes.max()} tokens\); set it to at least {sizes.max()}"):
+        ComparisonStream(data_dir, tokens_per_batch=10, loop=False, layout=layout)
 
 
 def test_loop_runs_forever_and_counts_epochs(data_dir):
@@ -110,13 +117,15 @@ def test_one_pass_stream_starts_the_next_pass_when_iterated_again(data_dir):
 @pytest.mark.parametrize("budget", [None, 900])
 def test_resume_neither_skips_nor_repeats(data_dir, world, budget):
     """Consume n batches, save, rebuild, load: the concatenation equals an uninterrupted run."""
-    kw = dict(world_size=world, seed=11, shuffle_buffer=6, batch_groups=4, max_tokens=budget)
+    kw = dict(world_size=world, seed=11, shuffle_buffer=6, batch_groups=4, tokens_per_batch=budget)
     for rank in range(world):
         straight = ids(itertools.islice(ComparisonStream(data_dir, rank=rank, **kw), 40))
         for n in (1, 7, 13, 22):  # cuts in the first, second and later epochs
             first = ComparisonStream(data_dir, rank=rank, **kw)
-            head = ids(itertools.islice(iter(first), n))
+            head_batches = list(itertools.islice(iter(first), n))
+            head = ids(head_batches)
             state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+            assert state == head_batches[-1].reader_state  # what every batch carries for a reading-ahead consumer
             second = ComparisonStream(data_dir, rank=rank, **kw)
             second.load_state_dict(state)
             tail = ids(itertools.islice(iter(second), 40 - n))
@@ -161,7 +170,7 @@ def test_resume_from_another_layout_refuses_what_cannot_be_mapped(data_dir, othe
                                                "unread before 12"):
         ComparisonStream(data_dir, world_size=3, seed=1).resume_from(states(2, [2, 0]))
     with pytest.raises(ReaderStateError, match="token-budget batches"):
-        ComparisonStream(data_dir, world_size=3, seed=1).resume_from(states(2, [1, 1], max_tokens=900))
+        ComparisonStream(data_dir, world_size=3, seed=1).resume_from(states(2, [1, 1], tokens_per_batch=900))
     with pytest.raises(ReaderStateError, match="seed: 1 in the state, 2 here"):
         ComparisonStream(data_dir, world_size=3, seed=2).resume_from(states(2, [1, 1]))
     with pytest.raises(ReaderStateError, match="data: "):
@@ -213,14 +222,15 @@ def test_manifest_and_argument_checks(data_dir, tmp_path):
     assert ids(ComparisonStream(data_dir, rank=60, world_size=64, loop=False)) == []
 
 
-def test_batches_are_well_formed(data_dir):
-    batch = next(iter(ComparisonStream(data_dir, batch_groups=5)))
-    S, T = batch.input_ids.shape
+@pytest.mark.parametrize("layout", ["stacked", "shared", "packed"])
+def test_batches_are_well_formed(data_dir, layout):
+    batch = next(iter(ComparisonStream(data_dir, batch_groups=5, layout=layout)))
+    S = batch.num_sequences
     assert batch.group_offsets[-1] == S == batch.ranks.numel() and batch.margin.shape == (5,)
-    rows = torch.arange(S)
-    assert (batch.input_ids[rows, batch.score_index] == 257).all()
-    assert (batch.attention_mask.sum(1) == batch.score_index + 1).all()
-    assert not batch.response_mask[rows, batch.score_index].any()
+    assert (batch.input_ids.reshape(-1)[batch.score_index] == 257).all()
+    assert batch.num_tokens == int((batch.segment_ids > 0).sum())
+    if layout == "stacked":
+        assert batch.input_ids.shape[0] == S
     assert set(batch.sources) <= {"helpful", "honest", "harmless"}
 
 
@@ -235,13 +245,13 @@ def test_collate_by_hand_with_pad_equal_to_eoc():
                                         [5, 6, 8, 9, 10, 0],
                                         [11, 0, 0, 0, 0, 0],
                                         [12, 0, 0, 0, 0, 0]]
-    assert batch.score_index.tolist() == [3, 5, 1, 1]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
-    assert batch.response_mask.int().tolist() == [[0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0],
-                                                  [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert batch.score_index.tolist() == [3, 6 + 5, 12 + 1, 18 + 1]  # flat, into R * T
+    assert batch.segment_ids.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert batch.position_ids[1].tolist() == [0, 1, 2, 3, 4, 5]
     assert batch.group_offsets.tolist() == [0, 2, 4] and batch.ranks.tolist() == [0, 1, 1, 0]
     assert batch.margin.tolist() == [0.0, 0.5] and batch.turns.tolist() == [2, 1]
     assert batch.ids == ["a", "b"] and batch.sources == ["s", "t"] and batch.num_tokens == 4 + 6 + 2 + 2
+    assert batch.reader_state is None  # only a reader knows its position
     assert batch.ratings.tolist() == [0.0] * 4  # no ratings given: no rating margins
     rows[1]["ratings"] = [1.5, 4.0]
     assert collate(rows, pad_id=0, eoc_id=0).ratings.tolist() == [0.0, 0.0, 1.5, 4.0]

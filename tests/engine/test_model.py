@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from rankpm.engine.config import ModelConfig
+from rankpm.engine.data.collate import collate
 from rankpm.engine.model.preference_model import PreferenceModel
+from rankpm.engine.score.judges import forward
 
 VOCAB, PAD, EOC = 300, 0, 0  # pad == end-of-context: the classic reward-model trap
 
@@ -14,24 +16,28 @@ def tiny(backbone="gpt2", **kw):
                                  pad_id=PAD, eoc_id=EOC, max_length=64, **kw).eval()
 
 
+def groups(*responses):
+    return [{"id": "g", "source": "", "turns": 1, "margin": None, "ratings": None, "ranks": list(range(len(r))),
+             "context_ids": [3, 4], "response_ids": r} for r in responses]
+
+
 @pytest.mark.parametrize("backbone", ["gpt2", "llama"])
-def test_score_is_read_at_recorded_position_not_inferred_from_padding(backbone):
+@pytest.mark.parametrize("layout", ["stacked", "shared", "packed"])
+def test_score_is_read_at_recorded_position_not_inferred_from_padding(backbone, layout):
     model = tiny(backbone)
-    seq = torch.randint(1, VOCAB, (9,)).tolist() + [EOC]
-    alone = model(torch.tensor([seq]), torch.ones(1, 10, dtype=torch.long), torch.tensor([9])).scores
-    # the same sequence right-padded with PAD (== EOC) beside a longer one
-    padded = torch.tensor([seq + [PAD] * 5, torch.randint(1, VOCAB, (14,)).tolist() + [EOC]])
-    mask = torch.tensor([[1] * 10 + [0] * 5, [1] * 15])
-    both = model(padded, mask, torch.tensor([9, 14])).scores
-    assert both.dtype == torch.float32 and both.shape == (2,)
-    torch.testing.assert_close(both[0], alone[0], rtol=1e-5, atol=1e-5)
+    short = [torch.randint(1, VOCAB, (7,)).tolist(), torch.randint(1, VOCAB, (3,)).tolist()]
+    alone = forward(model, collate(groups(short), PAD, EOC, layout=layout)).scores
+    # the same group beside a longer one: padded with PAD (== EOC) in the stacked rows, in a longer row otherwise
+    long = [torch.randint(1, VOCAB, (20,)).tolist(), torch.randint(1, VOCAB, (12,)).tolist()]
+    both = forward(model, collate(groups(short, long), PAD, EOC, layout=layout)).scores
+    assert both.dtype == torch.float32 and both.shape == (4,)
+    torch.testing.assert_close(both[:2], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_encoder_backbone_scores_too():
     model = tiny("bert")
-    ids = torch.randint(1, VOCAB, (3, 12))
-    scores = model(ids, torch.ones_like(ids), torch.tensor([11, 11, 11])).scores
-    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    scores = forward(model, collate(groups([[5, 6, 7], [8]]), PAD, EOC, layout="packed")).scores
+    assert scores.shape == (2,) and torch.isfinite(scores).all() and not model.causal
 
 
 def test_unknown_backbone_is_named():
@@ -41,11 +47,10 @@ def test_unknown_backbone_is_named():
 
 def test_save_and_load_round_trip(tmp_path):
     model = tiny(with_lm_head=True)
-    ids = torch.randint(1, VOCAB, (2, 8))
-    args = (ids, torch.ones_like(ids), torch.tensor([7, 5]))
+    batch = collate(groups([[5, 6, 7], [8]]), PAD, EOC, layout="shared")
     model.save(tmp_path / "m", extra={"note": "x"})
     loaded = PreferenceModel.load(tmp_path / "m").eval()
-    torch.testing.assert_close(loaded(*args).scores, model(*args).scores)
+    torch.testing.assert_close(forward(loaded, batch).scores, forward(model, batch).scores)
     assert loaded.has_lm_head and PreferenceModel.read_meta(tmp_path / "m")["note"] == "x"
     assert not list(tmp_path.glob(".m.tmp*"))  # the atomic write left no temporary folder
 

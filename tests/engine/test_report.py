@@ -4,31 +4,30 @@ import json
 import pytest
 import torch
 
-from rankpm.engine.data.schema import Batch
+from rankpm.engine.data.collate import collate
 from rankpm.engine.score.judges import binary_logits
 from rankpm.engine.model.preference_model import ModelOutput
 from rankpm.engine.score.report import analyse, collect_pairs, write_report
 
 
 class FixedScores(torch.nn.Module):
-    """A 'model' whose score for a sequence is its first token id, and whose token log-probs are
-    -(target id) / 10 (so shorter, smaller-id responses have the higher mean log-prob)."""
+    """A 'model' whose score for a response is the first token of its row, and whose target
+    log-probs are -(target id) / 10 (so shorter, smaller-id responses have the higher mean)."""
 
-    def forward(self, input_ids, attention_mask, score_index, lm_targets=None):
-        logprobs = None
-        if lm_targets is not None:
-            logprobs = torch.where(lm_targets >= 0, -lm_targets.float() / 10, 0.0)
-        return ModelOutput(input_ids[:, 0].float(), torch.zeros(input_ids.shape + (1,)), logprobs)
+    def forward(self, input_ids, position_ids, segment_ids, part_ids, score_index, *, layout, lm_index=None,
+                lm_targets=None, lm_reduction="sum"):
+        lm = None if lm_targets is None else -lm_targets.float() / 10
+        return ModelOutput(input_ids[:, 0].float(), torch.zeros(input_ids.shape + (1,)), lm)
 
 
 def batch(first_tokens, ranks, offsets, sources, turns):
-    S = len(first_tokens)
-    ids = torch.tensor([[t, 2, 1] for t in first_tokens])
-    return Batch(input_ids=ids, attention_mask=torch.ones(S, 3, dtype=torch.long),
-                 score_index=torch.full((S,), 2), response_mask=torch.tensor([[False, True, False]] * S),
-                 group_offsets=torch.tensor(offsets), ranks=torch.tensor(ranks),
-                 margin=torch.zeros(len(offsets) - 1), ratings=torch.zeros(S), turns=torch.tensor(turns),
-                 sources=sources)
+    """One response row per first token: [t, 2, eoc]; the response is token 2."""
+    groups = []
+    for g in range(len(offsets) - 1):
+        lo, hi = offsets[g], offsets[g + 1]
+        groups.append({"id": f"g{g}", "source": sources[g], "turns": turns[g], "margin": None, "ratings": None,
+                       "ranks": ranks[lo:hi], "context_ids": [], "response_ids": [[t, 2] for t in first_tokens[lo:hi]]})
+    return collate(groups, pad_id=0, eoc_id=1, targets="all_responses")
 
 
 def test_accuracy_overall_by_source_and_by_turns():
@@ -56,7 +55,7 @@ def test_binary_judge_compares_p_good_of_each_response():
 
 
 def test_logprob_judge_uses_the_mean_log_prob_of_the_response_tokens():
-    # response token is input_ids[:, 1] = 2 for both -> equal mean log-probs -> the tie is wrong
+    # the predicted response token is 2 for both -> equal mean log-probs -> the tie is wrong
     b = batch([9, 1], ranks=[0, 1], offsets=[0, 2], sources=["x"], turns=[1])
     data = collect_pairs(FixedScores(), [b], judge="logprob")
     assert data.scores == pytest.approx([-0.2, -0.2]) and data.gaps == [0.0]
