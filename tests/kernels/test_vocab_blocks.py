@@ -57,7 +57,8 @@ def test_out_dtype_matmul_is_decided_not_probed():
     assert not out_dtype_matmul(a.float(), torch.float32)
     assert mm_acc(a, a).dtype == torch.float32
     if torch.cuda.is_available() and torch.version.cuda is not None:
-        assert out_dtype_matmul(a.cuda(), torch.float32) == ("dtype" in torch.ops.aten.mm.overloads())
+        has_overload = "dtype" in torch.ops.aten.mm.overloads()
+        assert out_dtype_matmul(a.cuda(), torch.float32) == has_overload
 
 
 def test_block_sizes_follow_chunk_size():
