@@ -56,7 +56,9 @@ and torch ops on CPU: statistics (online logsumexp over the tail, or over all co
 sampled mode, and the logits at the ids) and the gradient block (the scaled exponential
 plus the k corrections). The torch token block works in place: its statistics leave
 exp(x - m) in the block, and the gradient only rescales it, so the CPU path holds one
-block. No .item() or other host sync in forward or backward.
+block. The token walk's gradient goes to autograd scaled in place by grad_output (no
+second V x H buffer beside it; a second backward through the same graph is refused by
+autograd's saved-tensor check). No .item() or other host sync in forward or backward.
 """
 from __future__ import annotations
 
@@ -440,12 +442,15 @@ class _DistillLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         params, need = ctx.params, ctx.need
-        if ctx.in_forward:  # gradient made in forward for grad_output = 1: one scale
+        if ctx.in_forward:
+            # The gradient made in forward (for grad_output = 1) is scaled in place and
+            # handed over: a product would hold a second V x H buffer next to it. A second
+            # backward through the same graph then fails autograd's saved-tensor version
+            # check instead of scaling twice.
             gh, gw, gb = ctx.saved_tensors
-            dh = gh * grad_loss.to(gh.dtype) if need[0] else None
-            dw = gw * grad_loss.to(gw.dtype) if need[1] else None
-            db = gb * grad_loss.to(gb.dtype) if need[2] else None
-            return dh, dw, db, None, None, None, None, None
+            grads = [g.mul_(grad_loss.to(g.dtype)) if n else None
+                     for g, n in zip((gh, gw, gb), need)]
+            return (*grads, None, None, None, None, None)
         hidden, weight, bias, ids, w, p_tail, valid, n_valid, lse, lse_tail, xid = ctx.saved_tensors
         coef = _coefficients(grad_loss, valid, n_valid, params.reduction, lse.dtype)
         t = _Teacher(ids, w, None, p_tail, None, valid)

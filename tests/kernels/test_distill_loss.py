@@ -370,3 +370,14 @@ def test_bad_arguments_name_the_value():
         distill_loss(h, w, ids, lp, chunk_size=0)
     with pytest.raises(ValueError, match="float64"):
         distill_loss(h.double(), w.double(), ids, lp, impl="triton")
+
+
+def test_second_backward_through_one_graph_is_refused():
+    """The token walk hands over the gradient it made in forward, scaled in place; a second
+    backward (retain_graph) must fail loudly, not return a gradient scaled twice."""
+    student = [t.float().requires_grad_() for t in make_student(5, 16, 64)]
+    ids, logprobs, tail = topk_cache(*[t.detach().double() for t in student[:2]], 3)
+    loss = distill_loss(student[0], student[1], ids, logprobs, tail, student[2], impl="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
