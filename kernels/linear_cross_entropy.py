@@ -25,8 +25,10 @@ Two ways through the vocabulary, both with bounded memory (one block of logits):
   reduction over all N tokens accumulates in fp32 inside the matmul, so no fp32 V x H
   buffer is needed; dH accumulates in an fp32 (N, H) buffer. 8 N H V flops.
 
-Logits are produced in fp32 (fp64 for fp64 inputs) straight from the matmul, never
-rounded to bf16 first. The per-row work (online logsumexp, target gather, softmax
+The two walks, their block sizes, the fp32-accumulating matmuls, the online logsumexp
+and the gradient workspaces live in vocab_blocks.py, shared with the other vocabulary-
+blocked losses. Logits are produced in fp32 (fp64 for fp64 inputs) straight from the
+matmul, never rounded to bf16 first. The per-row work (online logsumexp, target gather, softmax
 gradient) runs in the Triton kernels below on CUDA and in the same algorithm written
 with torch ops on CPU. No .item() or other host sync anywhere in forward or backward.
 An all-ignored batch gives loss 0 (not NaN) and zero gradients.
@@ -39,9 +41,23 @@ from typing import Optional
 
 import torch
 
+from rankpm.kernels.vocab_blocks import (
+    OnlineLse,
+    TokenGrads,
+    VocabGrads,
+    acc_dtype,
+    block_sizes,
+    grad_block,
+    online_lse_update_,
+    token_blocks,
+    vocab_blocks,
+)
+
 try:  # CPU-only installs import this module without triton
     import triton
     import triton.language as tl
+
+    from rankpm.kernels.vocab_blocks import online_lse_step
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -55,7 +71,7 @@ __all__ = [
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch")
-_BLOCK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 23}  # logits elements per block
+_block_sizes = block_sizes  # the name this module's tests import
 
 
 @dataclass(frozen=True)
@@ -63,7 +79,7 @@ class LinearCrossEntropyParams:
     ignore_index: int = -100
     reduction: str = "mean"
     return_logprobs: bool = False
-    chunk_size: Optional[int] = None  # tokens per block (token strategy); see _block_sizes
+    chunk_size: Optional[int] = None  # tokens per block (token strategy); see block_sizes
     impl: str = "torch"  # row-kernel implementation: "triton" or "torch"
 
     def __post_init__(self):
@@ -101,9 +117,7 @@ if triton is not None:
             x = tl.load(base + c, mask=cm, other=float("-inf")).to(tl.float32)
             if HAS_BIAS:
                 x += tl.load(bias_ptr + col_start + c, mask=cm, other=0.0).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
+            m, s = online_lse_step(m, s, x)
         tl.store(m_ptr + row, m.to(m_ptr.dtype.element_ty))
         tl.store(s_ptr + row, s.to(s_ptr.dtype.element_ty))
         if (t >= 0) & (t < n_cols):
@@ -137,25 +151,22 @@ if triton is not None:
 # Each has a Triton launcher and a torch twin with identical semantics.
 
 
-def _lse_update(logits, bias, targets, col_start, m, s, tgt, row_start, impl):
+def _lse_update(logits, bias, targets, col_start, ws, tgt, row_start, impl):
     rows, n_cols = logits.shape
     if impl == "triton":
         _lse_update_kernel[(rows,)](
             logits, logits.stride(0), bias if bias is not None else logits, targets,
-            m, s, tgt, row_start, col_start, n_cols,
+            ws.m, ws.s, tgt, row_start, col_start, n_cols,
             HAS_BIAS=bias is not None, BLOCK_V=min(4096, triton.next_power_of_2(n_cols)),
             num_warps=8)
         return
     sl = slice(row_start, row_start + rows)
     x = logits if bias is None else logits + bias[col_start:col_start + n_cols].to(logits.dtype)
-    m_old = m[sl]
-    m_new = torch.maximum(m_old, x.amax(dim=1))
-    s[sl] = s[sl] * torch.exp(m_old - m_new) + torch.exp(x - m_new[:, None]).sum(dim=1)
-    m[sl] = m_new
     t = targets[sl] - col_start
     inside = (t >= 0) & (t < n_cols)
     xt = x.gather(1, t.clamp(0, n_cols - 1)[:, None]).squeeze(1)
     tgt[sl] = torch.where(inside, xt.to(tgt.dtype), tgt[sl])
+    online_lse_update_(ws.m[sl], ws.s[sl], x, consume=bias is not None)  # x is our copy then
 
 
 def _softmax_grad(logits, bias, targets, col_start, lse, coef, out, row_start, impl):
@@ -180,127 +191,53 @@ def _softmax_grad(logits, bias, targets, col_start, lse, coef, out, row_start, i
     return out
 
 
-# --------------------------------------------------------------------------- matmuls
-
-_OUT_DTYPE_OK: dict = {}
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _mm_acc(a, b):
-    """a @ b in fp32 (fp64 for fp64): bf16/fp16 operands are not rounded in the output."""
-    acc = _acc_dtype(a.dtype)
-    if a.dtype == acc:
-        return torch.mm(a, b)
-    if a.is_cuda and _OUT_DTYPE_OK.get("mm", True):
-        try:
-            return torch.mm(a, b, out_dtype=acc)  # cuBLAS: low-precision in, fp32 out
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_OK["mm"] = False
-    return torch.mm(a.to(acc), b.to(acc))
-
-
-def _addmm_acc_(acc, a, b):
-    """acc += a @ b with acc fp32/fp64 and a, b possibly bf16/fp16."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _OUT_DTYPE_OK.get("addmm", True):
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_OK["addmm"] = False
-    acc.add_(_mm_acc(a, b))
-
-
-def _block_sizes(N, V, device_type, chunk_size):
-    budget = _BLOCK_ELEMENTS.get(device_type, 1 << 24)
-    tokens = chunk_size if chunk_size is not None else max(1, budget // max(V, 1))
-    tokens = max(1, min(tokens, max(N, 1)))
-    cols = max(1, min(V, (tokens * V) // max(N, 1)))
-    if cols < V:
-        cols = min(V, max(128, cols // 128 * 128))
-    return tokens, cols
-
-
 # --------------------------------------------------------------------------- passes
 
 
-def _token_pass(hidden, weight, bias, targets, coef, params, grads):
-    """Blocks of tokens x all V. Returns (lse, target logit); with grads also dH, dW, db
+def _token_pass(hidden, weight, bias, targets, coef, params, need):
+    """Blocks of tokens x all V. Returns (lse, target logit); with any(need) also dH, dW, db
     (scaled by coef, i.e. for grad_output = 1)."""
     N, V = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     dev = hidden.device
-    m = torch.full((N,), float("-inf"), dtype=acc, device=dev)
-    s = torch.zeros(N, dtype=acc, device=dev)
+    ws = OnlineLse.empty(N, acc, dev)
     tgt = torch.zeros(N, dtype=acc, device=dev)
     lse = torch.empty(N, dtype=acc, device=dev)
-    if grads:
-        gh = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-        gw = torch.zeros(weight.shape, dtype=acc, device=dev)  # the output itself when fp32
-        gb = torch.zeros(V, dtype=acc, device=dev) if bias is not None else None
-    tokens, _ = _block_sizes(N, V, dev.type, params.chunk_size)
-    wt = weight.t()
-    for r0 in range(0, N, tokens):
-        r1 = min(N, r0 + tokens)
-        h = hidden[r0:r1]
-        x = _mm_acc(h, wt)  # (C, V) fp32 logits block
-        _lse_update(x, bias, targets, 0, m, s, tgt, r0, params.impl)
-        lse[r0:r1] = m[r0:r1] + torch.log(s[r0:r1])
-        if grads:
-            g = x if x.dtype == hidden.dtype else torch.empty_like(x, dtype=hidden.dtype)
+    grads = TokenGrads(hidden, weight, bias, need) if any(need) else None
+    tokens, _ = block_sizes(N, V, dev.type, params.chunk_size)
+    for r0, r1, x in token_blocks(hidden, weight, tokens):  # x: (C, V) fp32 logits block
+        _lse_update(x, bias, targets, 0, ws, tgt, r0, params.impl)
+        lse[r0:r1] = ws.m[r0:r1] + torch.log(ws.s[r0:r1])
+        if grads is not None:
+            g = grad_block(x, hidden.dtype)
             _softmax_grad(x, bias, targets, 0, lse, coef, g, r0, params.impl)
-            gh[r0:r1] = torch.mm(g, weight)
-            _addmm_acc_(gw, g.t(), h)
-            if gb is not None:
-                gb += g.sum(dim=0, dtype=acc)
-    if grads:
-        return lse, tgt, (gh, gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
-    return lse, tgt, None
+            grads.add(g, r0, r1, hidden[r0:r1])
+    return lse, tgt, None if grads is None else grads.result()
 
 
 def _vocab_lse_pass(hidden, weight, bias, targets, params):
     """Blocks of all N tokens x Vc columns, online logsumexp. Returns (lse, target logit)."""
     N, V = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     dev = hidden.device
-    m = torch.full((N,), float("-inf"), dtype=acc, device=dev)
-    s = torch.zeros(N, dtype=acc, device=dev)
+    ws = OnlineLse.empty(N, acc, dev)
     tgt = torch.zeros(N, dtype=acc, device=dev)
-    _, cols = _block_sizes(N, V, dev.type, params.chunk_size)
-    for c0 in range(0, V, cols):
-        c1 = min(V, c0 + cols)
-        x = _mm_acc(hidden, weight[c0:c1].t())  # (N, Vc)
-        _lse_update(x, bias, targets, c0, m, s, tgt, 0, params.impl)
-    return m + torch.log(s), tgt
+    _, cols = block_sizes(N, V, dev.type, params.chunk_size)
+    for c0, _, x in vocab_blocks(hidden, weight, cols):  # x: (N, Vc)
+        _lse_update(x, bias, targets, c0, ws, tgt, 0, params.impl)
+    return ws.lse(), tgt
 
 
 def _vocab_grad_pass(hidden, weight, bias, targets, lse, coef, params, need):
     """Recompute each (N, Vc) block and form the gradients; need = (dH, dW, db) flags."""
     N, V = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    dev = hidden.device
-    gh = torch.zeros(hidden.shape, dtype=acc, device=dev) if need[0] else None
-    gw = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need[1] else None
-    gb = torch.empty(V, dtype=bias.dtype, device=dev) if (need[2] and bias is not None) else None
-    _, cols = _block_sizes(N, V, dev.type, params.chunk_size)
-    for c0 in range(0, V, cols):
-        c1 = min(V, c0 + cols)
-        w = weight[c0:c1]
-        x = _mm_acc(hidden, w.t())
-        g = x if x.dtype == hidden.dtype else torch.empty_like(x, dtype=hidden.dtype)
+    grads = VocabGrads(hidden, weight, bias, need)
+    _, cols = block_sizes(N, V, hidden.device.type, params.chunk_size)
+    for c0, c1, x in vocab_blocks(hidden, weight, cols):
+        g = grad_block(x, hidden.dtype)
         _softmax_grad(x, bias, targets, c0, lse, coef, g, 0, params.impl)
-        if gh is not None:
-            _addmm_acc_(gh, g, w)
-        if gw is not None:
-            torch.mm(g.t(), hidden, out=gw[c0:c1])  # reduction over all N inside one matmul
-        if gb is not None:
-            gb[c0:c1] = g.sum(dim=0, dtype=acc).to(gb.dtype)
-    return (None if gh is None else gh.to(hidden.dtype)), gw, gb
+        grads.add(g, c0, c1, hidden, weight[c0:c1])
+    return grads.result()
 
 
 def _coefficients(targets, params, grad_output, valid, n_valid, acc):
@@ -315,7 +252,7 @@ def _coefficients(targets, params, grad_output, valid, n_valid, acc):
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, params):
-        acc = _acc_dtype(hidden.dtype)
+        acc = acc_dtype(hidden.dtype)
         valid = targets != params.ignore_index
         n_valid = valid.sum()
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
@@ -325,7 +262,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if in_forward:
             coef = _coefficients(targets, params, torch.ones((), device=hidden.device),
                                  valid, n_valid, acc)
-            lse, tgt, grads = _token_pass(hidden, weight, bias, targets, coef, params, True)
+            lse, tgt, grads = _token_pass(hidden, weight, bias, targets, coef, params, need)
         else:
             lse, tgt = _vocab_lse_pass(hidden, weight, bias, targets, params)
             grads = None
@@ -424,7 +361,7 @@ def linear_cross_entropy_naive(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected one of {REDUCTIONS}")
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     logits = hidden.to(acc) @ weight.to(acc).t()
     if bias is not None:
         logits = logits + bias.to(acc)
