@@ -37,6 +37,9 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4"]},
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4"],
+        "bench": ["trl>=1.0"],  # TRL's RewardTrainer as the peer baseline in benchmarks/bench_training.py
+    },
     entry_points={"console_scripts": ["rankpm=rankpm.engine.cli:main"]},
 )

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    _quiet_deepspeed()
     from rankpm.engine.config import ConfigError
     from rankpm.engine.data.errors import DataError
     try:
@@ -98,6 +99,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rankpm {args.command}: error: {err}", file=sys.stderr)
         return code
+
+
+def _quiet_deepspeed() -> None:
+    """transformers imports deepspeed when it is installed, and deepspeed then says on stdout (where the
+    commands print their JSON line) that it found no GPU; telling it the accelerator keeps stdout clean."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 # Run-time failures that are messages, not bugs, by class name (so that the command line does

@@ -117,7 +117,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    schedule: Literal["cosine", "linear"] = "cosine"  # after warmup, decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
     max_steps: int | None = None  # None: derived from epochs
     epochs: float = 1.0
     grad_accum: int = 1

@@ -134,8 +134,46 @@ def make_group(rng: random.Random, index: int, k: int) -> dict:
             "source": source, "turns": turns}
 
 
-def generate(path: str | Path, *, groups: int, seed: int, k_min: int = 2, k_max: int = 4) -> Path:
-    """Write ``groups`` ranked-list rows (JSON Lines) to ``path``; deterministic by seed."""
+# Neutral small talk that lengthens a dialogue without changing which response is better
+# (HH-RLHF's conversations run to hundreds of tokens before the compared turn).
+CHAT_HUMAN = ["I have been thinking about my weekend plans and I am not sure yet what to do.",
+              "My friend told me about a new cafe in town, have you heard of good places like that?",
+              "It rained all morning here, so I stayed inside and read a book about old ships.",
+              "I started learning to cook last month and it is going better than I expected.",
+              "We are planning a family dinner and everyone wants something different to eat."]
+CHAT_ASSISTANT = ["That sounds like a nice way to spend some time, and there are many options to consider.",
+                  "It is always good to hear recommendations from friends, they know what you like.",
+                  "Rainy days can be relaxing, and a good book makes the hours pass quickly.",
+                  "Practice helps a lot, and simple recipes are a great place to start.",
+                  "Finding something everyone enjoys can be tricky, a few shared dishes often work."]
+FILLER = ["Let me add a little more detail here.", "This is a common situation for many people.",
+          "There are a few things worth keeping in mind.", "It may take a bit of time to get used to it.",
+          "Many people find this approach works well for them."]
+
+
+def lengthen(group: dict, rng: random.Random, context_words: tuple[int, int], response_words: tuple[int, int]) -> dict:
+    """Earlier small-talk turns before the question and neutral sentences after each response,
+    up to word counts drawn from the given ranges; ranks are unchanged."""
+    target = rng.randint(*context_words)
+    earlier = ""
+    while len((earlier + group["prompt"]).split()) < target:
+        earlier += f"\n\nHuman: {rng.choice(CHAT_HUMAN)}\n\nAssistant: {rng.choice(CHAT_ASSISTANT)}"
+    responses = []
+    for text in group["responses"]:
+        goal = rng.randint(*response_words)
+        while len(text.split()) < goal:
+            text += " " + rng.choice(FILLER)
+        responses.append(text)
+    turns = group["turns"] + earlier.count("\n\nHuman:")
+    return dict(group, prompt=earlier + group["prompt"], responses=responses, turns=turns)
+
+
+def generate(path: str | Path, *, groups: int, seed: int, k_min: int = 2, k_max: int = 4,
+             context_words: tuple[int, int] | None = None, response_words: tuple[int, int] = (0, 0)) -> Path:
+    """Write ``groups`` ranked-list rows (JSON Lines) to ``path``; deterministic by seed.
+
+    ``context_words``: lengthen each dialogue with earlier turns to a word count drawn from
+    the range (and each response to one drawn from ``response_words``), for HH-shaped data."""
     if groups < 1:
         raise ValueError(f"groups={groups}: expected a positive integer")
     if not 2 <= k_min <= k_max:
@@ -146,7 +184,10 @@ def generate(path: str | Path, *, groups: int, seed: int, k_min: int = 2, k_max:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for i in range(groups):
-            f.write(json.dumps(make_group(rng, i, rng.randint(k_min, k_max))) + "\n")
+            group = make_group(rng, i, rng.randint(k_min, k_max))
+            if context_words is not None:
+                group = lengthen(group, rng, context_words, response_words)
+            f.write(json.dumps(group) + "\n")
     tmp.replace(path)
     return path
 

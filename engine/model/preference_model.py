@@ -81,8 +81,9 @@ class PreferenceModel(nn.Module):
         dtype = self.transformer.get_input_embeddings().weight.dtype
         mask = attention_mask(layout, segment_ids, part_ids, causal=self.causal,
                               implementation=self.attention_implementation, dtype=dtype)
-        hidden = self.transformer.base_model(input_ids=input_ids, attention_mask=mask,
-                                             position_ids=position_ids).last_hidden_state
+        extra = {"use_cache": False} if hasattr(self.config, "use_cache") else {}  # no KV cache: nothing generates
+        hidden = self.transformer.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                             **extra).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])  # (R * T, H)
         scores = _at_least_fp32(self.score_head(flat[score_index]).squeeze(-1))
         lm = None
@@ -139,7 +140,8 @@ class PreferenceModel(nn.Module):
                 require_same("the tokenizer", f"model.backbone {folder} (its own tokenizer)",
                              tokenizer_key(load_tokenizer(folder).identity()),
                              "the run's data (data.tokenizer)", tokenizer_key(tokenizer))
-            transformer = auto.from_pretrained(folder, local_files_only=True, **cfg.overrides)
+            with _quiet_transformers():
+                transformer = auto.from_pretrained(folder, local_files_only=True, **cfg.overrides)
             limit = getattr(transformer.config, "max_position_embeddings", None)
             if limit is not None and limit < max_length:
                 raise ValueError(f"data.max_length={max_length} exceeds {folder}'s "
@@ -200,7 +202,8 @@ class PreferenceModel(nn.Module):
             log.info("%s was saved without an LM head; adding one (tied to the embeddings if the "
                      "backbone ties them)", directory)
         auto = AutoModelForCausalLM if has_head else AutoModel
-        model = cls(auto.from_pretrained(directory, local_files_only=True), has_lm_head=has_head)
+        with _quiet_transformers():
+            model = cls(auto.from_pretrained(directory, local_files_only=True), has_lm_head=has_head)
         model.score_head.load_state_dict(torch.load(directory / HEAD_FILE, map_location=map_location))
         return model
 
@@ -216,7 +219,7 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """No "Writing model shards" bar at every checkpoint: the run's own bar is the one on screen."""
+    """No "Writing model shards" or "Loading weights" bars: the run's own bar is the one on screen."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()

@@ -187,7 +187,8 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
         counters["tokens_seen"] += tokens
         counters["groups_seen"] += groups
         row.update(lr=strategy.current_lr(), pairs_per_s=pairs / elapsed, tokens_per_s=tokens / elapsed,
-                   pairs_seen=counters["pairs_seen"], skipped_steps=counters["skipped_steps"])
+                   pairs_seen=counters["pairs_seen"], tokens_seen=counters["tokens_seen"],
+                   skipped_steps=counters["skipped_steps"])
         if strategy.last_grad_norm is not None:
             row["grad_norm"] = float(strategy.last_grad_norm)
         metrics.record("train", step, row)

@@ -49,13 +49,15 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 
 
 def build_scheduler(optimizer, cfg: RunConfig, horizon: int):
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at ``horizon`` steps, flat after it."""
-    warmup, floor = cfg.train.warmup_steps, cfg.train.min_lr_ratio
+    """Linear warmup, then cosine (or linear) decay to lr * min_lr_ratio at ``horizon`` steps,
+    flat after it."""
+    warmup, floor, shape = cfg.train.warmup_steps, cfg.train.min_lr_ratio, cfg.train.schedule
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1 - progress
+        return floor + (1 - floor) * decay
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
