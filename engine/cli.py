@@ -148,7 +148,7 @@ def _run_train(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from rankpm.engine.score.scorer import evaluate_model_folder
+    from rankpm.engine.score.eval_folder import evaluate_model_folder
 
     data = args.data
     if args.bigbench:  # BIG-bench multiple choice -> comparison groups (JSONL) first

@@ -48,9 +48,10 @@ class PreferenceModel(nn.Module):
         self.transformer = transformer  # a base model, or a causal LM when has_lm_head
         self.has_lm_head = has_lm_head
         hidden = transformer.config.hidden_size
-        self.score_head = nn.Linear(hidden, 1)
+        # No bias: a pairwise loss never moves it (it cancels in r_i - r_j), so it would only drift
+        # on rounding noise; and Hugging Face's reward heads have none.
+        self.score_head = nn.Linear(hidden, 1, bias=False)
         nn.init.normal_(self.score_head.weight, std=1.0 / (hidden + 1) ** 0.5)
-        nn.init.zeros_(self.score_head.bias)
         self.causal = attends_causally(transformer)
 
     @property
@@ -204,7 +205,8 @@ class PreferenceModel(nn.Module):
         auto = AutoModelForCausalLM if has_head else AutoModel
         with _quiet_transformers():
             model = cls(auto.from_pretrained(directory, local_files_only=True), has_lm_head=has_head)
-        model.score_head.load_state_dict(torch.load(directory / HEAD_FILE, map_location=map_location))
+        model.score_head.load_state_dict(_bias_free(torch.load(directory / HEAD_FILE, map_location=map_location),
+                                                    directory))
         return model
 
     @staticmethod
@@ -215,6 +217,16 @@ class PreferenceModel(nn.Module):
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Scores and losses in fp32 when the model runs in bf16/fp16; fp64 stays fp64 (tests)."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _bias_free(head: dict, directory: Path) -> dict:
+    """A head saved with a bias (rankpm before its heads lost theirs): the bias shifts every score by
+    the same amount, so pairwise losses, accuracies and rankings do not see it; say so when it is not 0."""
+    bias = head.pop("bias", None)
+    if bias is not None and bias.abs().max().item() != 0:
+        log.warning("%s: the score head's bias (%.6g) is dropped: heads have none now; pairwise results are "
+                    "unchanged, absolute scores shift by %.6g", directory, bias.item(), -bias.item())
+    return head
 
 
 @contextlib.contextmanager

@@ -1,39 +1,60 @@
-"""Evaluation on held-out comparisons: pair accuracy, loss, score statistics.
+"""Evaluation on held-out comparisons: pair accuracy, loss, score statistics, and the pairs.
 
-Scores are computed once per sequence; every ranked pair (better, worse) of a group is
-then judged correct when r_better > r_worse (a tie in score counts as wrong).
+    result = evaluate(model, batches, strategy=strategy, judge="score", collect=True)
+    result.metrics    # eval_accuracy, eval_loss, score_mean, ...  (reduced over every rank)
+    result.pairs      # every response's judgement and every pair's gap, for the report
+
+Scores are computed once per response; every ranked pair (better, worse) of a group is
+then judged correct when r_better > r_worse (a tie in score counts as wrong). The report
+(rankpm.engine.score.report) is made from the same pass, never from a second scoring.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 
 from rankpm.engine.data.schema import Batch
 from rankpm.engine.score.judges import judge as judge_batch
+from rankpm.engine.score.report import PairData
 from rankpm.kernels.ranked_loss import ranked_preference_loss
 
 
+class Evaluation(NamedTuple):
+    metrics: dict
+    pairs: PairData | None  # with collect=True: every rank's pairs, gathered
+
+
 @torch.no_grad()
-def evaluate(model, batches, *, strategy, num_batches: int | None = None, judge: str = "score",
-             filler: Batch | None = None) -> dict:
+def evaluate(model, batches, *, strategy=None, num_batches: int | None = None, judge: str = "score",
+             filler: Batch | None = None, collect: bool = False) -> Evaluation:
     """Evaluate over this rank's batches; sums are reduced over every rank.
 
-    ``num_batches``: when given, every rank runs exactly that many forward passes (the
-    global maximum), repeating its last batch with zero weight (``filler`` when its share is
-    empty), so that collective operations inside the forward (ZeRO-3 parameter gathers)
-    stay in step across ranks.
+    ``strategy``: the run's (None: one process, on the model's device). ``num_batches``: when
+    given, every rank runs exactly that many forward passes (the global maximum), repeating
+    its last batch with zero weight (``filler`` when its share is empty), so that collective
+    operations inside the forward (ZeRO-3 parameter gathers) stay in step across ranks.
     ``judge``: how responses are compared (rankpm.engine.score.judges): "score" (preference
     models), "binary" (P(GOOD), on label-expanded data) or "logprob" (imitation models).
     """
+    param = next(model.parameters(), None)
+    device = strategy.device if strategy is not None else param.device if param is not None else torch.device("cpu")
+    autocast = strategy.autocast if strategy is not None else contextlib.nullcontext
+    was_training = model.training
     model.eval()
-    device = strategy.device
     totals = torch.zeros(6, dtype=torch.float64, device=device)  # pairs, correct, loss, n, sum, sumsq
+    pairs = PairData(judge=judge) if collect else None
     seen = 0
     last: Batch | None = None
     for batch in batches:
         last = batch.to(device)
-        totals += _batch_totals(model, last, strategy, judge)
+        with autocast():
+            judged = judge_batch(model, last, judge)
+        totals += _totals(judged)
+        if pairs is not None:
+            pairs.add(judged, last)
         seen += 1
     if num_batches is not None:
         for _ in range(num_batches - seen):
@@ -41,27 +62,31 @@ def evaluate(model, batches, *, strategy, num_batches: int | None = None, judge:
                 if filler is None:
                     raise RuntimeError(f"rank {strategy.rank} has no evaluation data to keep in step with")
                 last = filler.to(device)
-            _batch_totals(model, last, strategy, judge)  # collectives only; results unused
-    model.train()
-    pairs, correct, loss, n, total, total_sq = strategy.all_reduce(totals).tolist()
+            with autocast():
+                judge_batch(model, last, judge)  # collectives only; results unused
+    model.train(was_training)
+    if strategy is not None:
+        totals = strategy.all_reduce(totals)
+        if pairs is not None and strategy.world_size > 1:
+            pairs = PairData.merge(strategy.gather_object(pairs))
+    count, correct, loss, n, total, total_sq = totals.tolist()
     mean = total / max(n, 1)
-    return {
-        "eval_pairs": int(pairs),
-        "eval_accuracy": correct / pairs if pairs else float("nan"),
-        "eval_loss": loss / pairs if pairs else float("nan"),
+    metrics = {
+        "eval_pairs": int(count),
+        "eval_accuracy": correct / count if count else float("nan"),
+        "eval_loss": loss / count if count else float("nan"),
         "eval_sequences": int(n),
         "score_mean": mean,
         "score_std": math.sqrt(max(total_sq / max(n, 1) - mean * mean, 0.0)),
     }
+    return Evaluation(metrics, pairs)
 
 
-def _batch_totals(model, batch: Batch, strategy, judge: str = "score") -> torch.Tensor:
-    with strategy.autocast():
-        judged = judge_batch(model, batch, judge)
+def _totals(judged) -> torch.Tensor:
     scores = judged.scores.float()
     result = ranked_preference_loss(scores, judged.ranks, judged.group_offsets, margin=judged.margin,
                                     reduction="pairs", impl="torch")
-    pairs = result.pair_count.double()
-    return torch.stack([pairs, result.accuracy.double() * pairs, result.loss.double() * pairs,
+    count = result.pair_count.double()
+    return torch.stack([count, result.accuracy.double() * count, result.loss.double() * count,
                         torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device),
                         scores.double().sum(), scores.double().pow(2).sum()])

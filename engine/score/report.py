@@ -1,6 +1,6 @@
 """The evaluation report: pair accuracy by subset, calibration, score statistics; one folder.
 
-    pairs = collect_pairs(model, batches, judge="score")      # one forward per batch
+    pairs = evaluate(model, batches, judge="score", collect=True).pairs   # one forward per batch
     section = analyse(pairs, name="fine-tune")                 # plain dict, JSON-ready
     write_report("runs/x/report", [section])                   # report.json, report.md, PNGs
 
@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from rankpm.engine.score.calibration import calibration, reliability_plot
-from rankpm.engine.score.judges import judge as judge_batch
 
 
 @dataclass
 class PairData:
+    """Every response's judgement and every ranked pair's gap, with the subsets they belong to."""
+
     gaps: list[float] = field(default_factory=list)  # judgement(better) - judgement(worse)
     pair_sources: list[str] = field(default_factory=list)
     pair_turns: list[int] = field(default_factory=list)
@@ -33,19 +32,8 @@ class PairData:
     score_sources: list[str] = field(default_factory=list)
     judge: str = "score"
 
-
-@torch.no_grad()
-def collect_pairs(model, batches, *, judge: str = "score", device="cpu", autocast=None) -> PairData:
-    """Judge every response once, then list every ranked pair (better, worse) of each group."""
-    import contextlib
-
-    data = PairData(judge=judge)
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        batch = batch.to(device)
-        with autocast() if autocast else contextlib.nullcontext():
-            judged = judge_batch(model, batch, judge)
+    def add(self, judged, batch) -> None:
+        """The pairs of one judged batch (rankpm.engine.score.judges.Judged)."""
         scores = judged.scores.float().cpu().tolist()
         ranks = judged.ranks.cpu().tolist()
         offsets = judged.group_offsets.cpu().tolist()
@@ -54,15 +42,31 @@ def collect_pairs(model, batches, *, judge: str = "score", device="cpu", autocas
             source = batch.sources[g] if g < len(batch.sources) else ""
             lo, hi = offsets[g], offsets[g + 1]
             for i in range(lo, hi):
-                data.scores.append(scores[i])
-                data.score_sources.append(source)
+                self.scores.append(scores[i])
+                self.score_sources.append(source)
                 for j in range(lo, hi):
                     if ranks[i] < ranks[j]:
-                        data.gaps.append(scores[i] - scores[j])
-                        data.pair_sources.append(source)
-                        data.pair_turns.append(int(turns[g]))
-    model.train(was_training)
-    return data
+                        self.gaps.append(scores[i] - scores[j])
+                        self.pair_sources.append(source)
+                        self.pair_turns.append(int(turns[g]))
+
+    @classmethod
+    def merge(cls, parts: list["PairData"]) -> "PairData":
+        out = cls(judge=parts[0].judge if parts else "score")
+        for part in parts:
+            for name in ("gaps", "pair_sources", "pair_turns", "scores", "score_sources"):
+                getattr(out, name).extend(getattr(part, name))
+        return out
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def collect_pairs(model, batches, *, judge: str = "score") -> PairData:
+    """Judge every response once (one forward per batch), and list every ranked pair."""
+    from rankpm.engine.score.evaluate import evaluate
+
+    return evaluate(model, batches, judge=judge, collect=True).pairs
 
 
 def _accuracy(gaps: np.ndarray) -> dict:
@@ -178,23 +182,3 @@ def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def report_model_folder(model_dir: str | Path, data_dir: str | Path, *, judge: str | None = None,
-                        name: str = "eval", batch_groups: int = 64, device="cpu") -> dict:
-    """One report section for a saved model on a prepared folder (judge from the model's objective)."""
-    from rankpm.engine.data.stream import ComparisonStream
-    from rankpm.engine.score.judges import judge_for_objective
-    from rankpm.engine.model.preference_model import PreferenceModel
-
-    from rankpm.engine.score.judges import batch_targets
-    from rankpm.engine.score.scorer import check_data_for_model, model_layout
-
-    check_data_for_model(Path(model_dir), Path(data_dir))
-    meta = PreferenceModel.read_meta(model_dir)
-    if judge is None:
-        judge = judge_for_objective(meta.get("config", {}).get("objective", {}).get("name", "ranked"))
-    model = PreferenceModel.load(model_dir, with_lm_head=True if judge == "logprob" else None).to(device)
-    stream = ComparisonStream(data_dir, shuffle=False, batch_groups=batch_groups, loop=False, layout=model_layout(model),
-                              targets=batch_targets(judge))
-    return analyse(collect_pairs(model, stream, judge=judge, device=device), name=name)

@@ -1,62 +1,147 @@
-"""Use a trained model: score responses from Python, or evaluate a model folder on data.
+"""The one way rankpm scores: a model's judge over (context, responses), batched.
 
     scorer = RewardScorer.from_folder("runs/quickstart/model")
-    scorer.score("Human: How do I boil an egg?\\n\\nAssistant:", ["Put it in boiling water ...", "No."])
+    scorer.score("\\n\\nHuman: How do I boil an egg?\\n\\nAssistant:", [" Put it in boiling water.", " No."])
+    scorer.score_groups([(context_a, [r1, r2]), (context_b, [r3])])   # one batched pass
+
+A score means what the model was trained to output: its judge (rankpm.engine.score.judges)
+is applied, so a preference model gives r(x), a binary discriminator the logit of P(GOOD)
+(x + GOOD against x + BAD), an imitation model the mean per-token log-probability of the
+response. Normalisation uses the score statistics saved with the model, which are in the
+same units, and only on request. Texts are tokenized and cut to the model's length exactly
+as training did (rankpm.engine.data.prepare.truncate), laid out as in training, sorted by
+length and scored in batches of at most ``tokens_per_batch`` tokens (by default sized for
+the device) under inference mode,
+on CPU or CUDA, in fp32 or bf16. Evaluation on prepared data (``rankpm eval``, the loop)
+runs the same judge on the same batches (rankpm.engine.score.evaluate).
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from rankpm.engine.data.collate import collate
+from rankpm.engine.data.collate import collate, layout_tokens
+from rankpm.engine.data.errors import DataError, Where
+from rankpm.engine.data.prepare import truncate
 from rankpm.engine.data.tokenizer import load_tokenizer
+from rankpm.engine.data.transforms import Labels
 from rankpm.engine.fingerprint import MismatchError, require_same, tokenizer_key
-from rankpm.engine.io import ensure_folder
 from rankpm.engine.model.attention import choose_layout
 from rankpm.engine.model.preference_model import MODEL_FILE, PreferenceModel, folder_tokenizer
-from rankpm.engine.score.evaluate import evaluate
-from rankpm.engine.score.judges import batch_targets, forward
-from rankpm.engine.train.strategy import LocalStrategy
+from rankpm.engine.score.judges import JUDGES, batch_targets, judge, judge_for_objective
 
 MANIFEST = "manifest.json"
+NORMALIZE = ("none", "center", "standardize")
+# Tokens per scoring batch by device: a CPU is fastest on batches that stay in its caches
+# (benchmarks/bench_scoring.py: 48 pairs/s at 512-2,048, 29 at 16,384); a GPU wants them large.
+TOKENS_PER_BATCH = {"cpu": 2048, "cuda": 16384}
 
 
 class RewardScorer:
-    def __init__(self, model: PreferenceModel, tokenizer, *, max_length: int, device="cpu",
-                 score_stats: dict | None = None):
-        self.score_stats = score_stats or {}  # score_mean / score_std on the evaluation set
-        self.model = model.to(device).eval()
-        self.tokenizer = tokenizer
-        self.max_length = max_length
+    def __init__(self, model: PreferenceModel, tokenizer, *, judge: str = "score", max_length: int,
+                 truncation: str = "left", labels: Labels = Labels(), device="cpu", dtype: str = "fp32",
+                 tokens_per_batch: int | None = None, score_stats: dict | None = None):
+        if judge not in JUDGES:
+            raise ValueError(f"judge={judge!r}: expected one of {JUDGES}")
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype={dtype!r}: expected 'fp32' or 'bf16'")
         self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer, self.judge, self.labels = tokenizer, judge, labels
+        self.max_length, self.truncation, self.dtype = max_length, truncation, dtype
+        self.tokens_per_batch = tokens_per_batch or TOKENS_PER_BATCH.get(self.device.type, 16384)
+        self.score_stats = score_stats or {}  # score_mean / score_std of the judge on the evaluation set
+        self.layout = model_layout(model)
 
     @classmethod
-    def from_folder(cls, directory: str | Path, device: str = "cpu") -> "RewardScorer":
+    def from_folder(cls, directory: str | Path, device: str = "cpu", *, dtype: str = "fp32", judge: str | None = None,
+                    tokens_per_batch: int | None = None) -> "RewardScorer":
         directory = resolve_model_folder(directory)
         meta = PreferenceModel.read_meta(directory)
-        max_length = meta["config"]["data"]["max_length"]
+        config = meta["config"]
+        objective = config.get("objective", {})
+        judge = judge or judge_for_objective(objective.get("name", "ranked"))
         folder_tokenizer(directory)  # the tokenizer it was saved with, unchanged
-        model, tokenizer = PreferenceModel.load(directory), load_tokenizer(str(directory / "tokenizer"))
+        model = PreferenceModel.load(directory, with_lm_head=True if judge == "logprob" else None)
+        tokenizer = load_tokenizer(str(directory / "tokenizer"))
         embeddings = model.transformer.get_input_embeddings().num_embeddings
         if tokenizer.vocab_size > embeddings:
             raise MismatchError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                                 f"{embeddings} token embeddings")
-        return cls(model, tokenizer, max_length=max_length, device=device, score_stats=meta.get("score_stats"))
+        return cls(model, tokenizer, judge=judge, max_length=config["data"]["max_length"],
+                   truncation=config["data"]["truncation"], labels=Labels(**objective.get("labels", {})),
+                   device=device, dtype=dtype, tokens_per_batch=tokens_per_batch, score_stats=meta.get("score_stats"))
 
-    @torch.no_grad()
     def score(self, context: str, responses: list[str], normalize: str = "none") -> list[float]:
-        """One score per response; higher means preferred. Over-long inputs keep the end of
-        each response and cut the context from the left, as training does.
+        """One score per response; higher means preferred. ``normalize`` (only on request):
+        "center" subtracts the evaluation-set mean stored with the model, "standardize" also
+        divides by its standard deviation."""
+        return self.score_groups([(context, responses)], normalize=normalize)[0]
 
-        ``normalize`` (only on request): "center" subtracts the evaluation-set score mean
-        stored with the model, "standardize" also divides by its std."""
-        if normalize not in ("none", "center", "standardize"):
-            raise ValueError(f"normalize={normalize!r}: expected 'none', 'center' or 'standardize'")
-        check_inputs(context, responses)
-        raw = self._raw_scores(context, responses)
+    def score_groups(self, groups: list[tuple[str, list[str]]], normalize: str = "none") -> list[list[float]]:
+        """The scores of every (context, responses) pair, in order, from one batched pass."""
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZE}")
+        if not isinstance(groups, (list, tuple)):
+            raise TypeError(f"groups: expected a list of (context, responses) pairs, got {type(groups).__name__}")
+        for context, responses in groups:
+            check_inputs(context, responses)
+        rows = self._rows(groups)
+        scores: list[list[float] | None] = [None] * len(rows)
+        for batch_rows in self._batches(rows):
+            batch = collate([rows[i] for i in batch_rows], self.tokenizer.pad_id, self.tokenizer.eoc_id,
+                            layout=self.layout, targets=batch_targets(self.judge)).to(self.device)
+            with torch.inference_mode(), self._autocast():
+                judged = judge(self.model, batch, self.judge).scores.float().cpu()
+            offsets = (batch.group_offsets // (2 if self.judge == "binary" else 1)).tolist()
+            for g, i in enumerate(batch_rows):
+                scores[i] = judged[offsets[g]:offsets[g + 1]].tolist()
+        return [self._normalize(s, normalize) for s in scores]
+
+    def _rows(self, groups) -> list[dict]:
+        """Shard-schema rows of the groups, tokenized and cut as training cut them."""
+        texts = []
+        for context, responses in groups:
+            if self.judge == "binary":  # each response twice: x + GOOD, x + BAD
+                responses = [r + label for r in responses for label in (self.labels.good, self.labels.bad)]
+            texts.append((context, list(responses)))
+        flat = [t for context, responses in texts for t in (context, *responses)]
+        ids = iter(self.tokenizer.encode_batch(flat))
+        rows = []
+        for i, (context, responses) in enumerate(texts):
+            ctx, resp = next(ids), [next(ids) for _ in responses]
+            try:
+                ctx, resp, _ = truncate(ctx, resp, self.max_length, self.truncation, where=Where("<request>", i, "group"))
+            except DataError as err:
+                raise ValueError(f"group {i}: {err.reason}") from None
+            rows.append({"id": str(i), "source": "", "turns": 1, "margin": None, "ratings": None,
+                         "ranks": list(range(len(resp))), "context_ids": ctx, "response_ids": resp})
+        return rows
+
+    def _batches(self, rows: list[dict]):
+        """Row indices, longest first, in batches of at most tokens_per_batch layout tokens."""
+        sizes = layout_tokens(np.array([len(r["context_ids"]) for r in rows], dtype=np.int64),
+                              [np.array([len(x) for x in r["response_ids"]]) for r in rows], self.layout)
+        batch, used = [], 0
+        for i in np.argsort(-sizes, kind="stable").tolist():
+            if batch and used + sizes[i] > self.tokens_per_batch:
+                yield batch
+                batch, used = [], 0
+            batch.append(i)
+            used += int(sizes[i])
+        if batch:
+            yield batch
+
+    def _autocast(self):
+        if self.dtype == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _normalize(self, raw: list[float], normalize: str) -> list[float]:
         if normalize == "none":
             return raw
         if "score_mean" not in self.score_stats or "score_std" not in self.score_stats:
@@ -65,19 +150,6 @@ class RewardScorer:
         mean, std = self.score_stats["score_mean"], self.score_stats["score_std"]
         scale = std if normalize == "standardize" and std > 0 else 1.0
         return [(r - mean) / scale for r in raw]
-
-    @torch.no_grad()
-    def _raw_scores(self, context: str, responses: list[str]) -> list[float]:
-        ctx = self.tokenizer.encode(context)
-        resp = [self.tokenizer.encode(r) for r in responses]
-        room = self.max_length - 1 - max(len(r) for r in resp)
-        resp = [r[-(self.max_length - 1):] for r in resp]
-        ctx = ctx[len(ctx) - max(room, 0):] if room < len(ctx) else ctx
-        row = {"id": "", "source": "", "turns": 1, "margin": None, "ratings": None, "ranks": list(range(len(resp))),
-               "context_ids": ctx, "response_ids": resp}
-        batch = collate([row], pad_id=self.tokenizer.pad_id, eoc_id=self.tokenizer.eoc_id,
-                        layout=model_layout(self.model)).to(self.device)
-        return forward(self.model, batch).scores.tolist()
 
 
 def model_layout(model: PreferenceModel) -> str:
@@ -123,61 +195,3 @@ def check_data_for_model(model_dir: Path, data_dir: Path) -> None:
         raise MismatchError(f"prepared data {data_dir} has sequences of up to max_length={manifest['max_length']} "
                             f"tokens, model folder {model_dir} was trained with max_length={limit}; prepare the data "
                             f"again with --max-length {limit}, or give the input files")
-
-
-def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: str | Path | None = None,
-                          batch_groups: int = 64, skip_bad: bool = False, report_dir: str | Path | None = None,
-                          judge: str | None = None) -> dict:
-    """Pair accuracy, loss and score statistics of a saved model on comparison data.
-
-    ``judge``: how responses are compared (rankpm.engine.score.judges); None: the one of the
-    objective the model was trained with. A binary-discrimination model's text inputs are
-    label-expanded before tokenization. ``report_dir``: also write the report folder
-    (accuracy by source and turns, calibration, score statistics, PNGs).
-    """
-    from rankpm.engine.data.prepare import prepare
-    from rankpm.engine.data.stream import ComparisonStream
-    from rankpm.engine.score.judges import judge_for_objective
-
-    model_dir = resolve_model_folder(model_dir)
-    for folder, option in ((out_dir, "--out"), (report_dir, "--report")):  # before any scoring
-        if folder is not None:
-            ensure_folder(folder, key=option)
-    meta = PreferenceModel.read_meta(model_dir)
-    objective = meta["config"].get("objective", {})
-    judge = judge or judge_for_objective(objective.get("name", "ranked"))
-    with tempfile.TemporaryDirectory() as scratch:
-        data_dir = Path(data[0]) if len(data) == 1 and (Path(data[0]) / MANIFEST).is_file() else None
-        if data_dir is not None:
-            check_data_for_model(model_dir, data_dir)
-        else:
-            data_dir = Path(out_dir or scratch) / "data"
-            inputs, skipped = list(data), []
-            if judge == "binary":
-                from rankpm.engine.data.transforms import Labels, transform_files
-                labels = Labels(**objective.get("labels", {}))
-                inputs = [str(transform_files(inputs, Path(out_dir or scratch) / "label_expanded.jsonl",
-                                              "label_expand", labels, skip_bad=skip_bad, skipped=skipped))]
-            prepare(inputs, data_dir, str(model_dir / "tokenizer"), max_length=meta["config"]["data"]["max_length"],
-                    truncation=meta["config"]["data"]["truncation"], skip_bad=skip_bad, skipped_before=skipped)
-        model = PreferenceModel.load(model_dir, with_lm_head=True if judge == "logprob" else None)
-        strategy = LocalStrategy(device=torch.device("cpu"))
-        strategy.setup(model, None, None)
-        options = dict(shuffle=False, batch_groups=batch_groups, loop=False, layout=model_layout(model),
-                       targets=batch_targets(judge))
-        stream = ComparisonStream(data_dir, **options)
-        report = evaluate(model, stream, strategy=strategy, judge=judge)
-        report["judge"] = judge
-        report["skipped_rows"] = len(stream.manifest.get("skipped", []))
-        report["checkpoint_score_stats"] = meta.get("score_stats", {})
-        if report_dir is not None:
-            from rankpm.engine.score.report import analyse, collect_pairs, write_report
-            stream = ComparisonStream(data_dir, **options)
-            section = analyse(collect_pairs(model, stream, judge=judge), name="eval")
-            write_report(report_dir, [section], title=f"rankpm eval: {model_dir}",
-                         extra={"model": str(model_dir), "data": [str(d) for d in data],
-                                "checkpoint_score_stats": meta.get("score_stats", {})})
-            report["report"] = str(report_dir)
-            if section["calibration"]:
-                report["ece"] = section["calibration"]["ece"]
-        return {"model": str(model_dir), "data": [str(d) for d in data], **report}

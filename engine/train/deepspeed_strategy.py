@@ -225,6 +225,11 @@ class DeepSpeedStrategy:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def unwrapped_model(self) -> nn.Module:
         return self.engine.module
 

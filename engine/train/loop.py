@@ -38,12 +38,14 @@ from rankpm.engine.train.checkpoint import (latest_checkpoint, load_checkpoint, 
 from rankpm.engine.train.metrics import MetricsLog, Window
 from rankpm.engine.train.objectives import build_objective
 from rankpm.engine.train.resume import check_resume
-from rankpm.engine.io import ensure_folder
+from rankpm.engine.io import atomic_write_json, ensure_folder
 from rankpm.engine.train.run_lock import run_lock
 from rankpm.engine.train.schedule import build_optimizer, build_scheduler, plan_steps
 from rankpm.engine.train.strategy import LocalStrategy
 
 log = logging.getLogger(__name__)
+
+EVAL_PAIRS = "eval_pairs.json"  # the final evaluation's pairs, which the report is made from
 
 
 class NonFiniteError(RuntimeError):
@@ -151,7 +153,9 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
                                         "layout": layout,
                                         **({"resumed": resumed} if resumed else {})})
 
-    def run_eval() -> dict:
+    def run_eval(collect: bool = False) -> dict:
+        """The evaluation metrics; with ``collect``, the pairs too, written to OUT_DIR/eval_pairs.json
+        for the report (made from this pass, not from scoring the set again)."""
         if data.eval_dir is None:
             return {}
         # ranks alternate group by group (evaluation needs no layout parity, only coverage)
@@ -165,8 +169,11 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
         if eval_stream.num_groups == 0:  # more ranks than evaluation groups
             filler = next(iter(ComparisonStream(data.eval_dir, shuffle=False, batch_groups=1, loop=False,
                                                 layout=layout, targets=batch_targets(objective.judge))))
-        return evaluate(model, eval_stream, strategy=strategy, num_batches=most, judge=objective.judge,
-                        filler=filler)
+        result = evaluate(model, eval_stream, strategy=strategy, num_batches=most, judge=objective.judge,
+                          filler=filler, collect=collect)
+        if collect and strategy.is_main:
+            atomic_write_json(out_dir / EVAL_PAIRS, result.pairs.to_dict())
+        return result.metrics
 
     window = Window(strategy.device)
     window_start, skips_logged = time.perf_counter(), counters["skipped_steps"]
@@ -256,7 +263,7 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
     # the final checkpoint before the final evaluation: an evaluation that fails loses no training
     done = checkpoint is not None and resume_state["step"] == step
     checkpoint_path = checkpoint if done else save(step, last_eval)
-    last_eval = run_eval()
+    last_eval = run_eval(collect=True)
     if last_eval:
         metrics.record("eval", step, last_eval)
     model_dir = out_dir / "model"

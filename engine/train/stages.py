@@ -75,14 +75,6 @@ def stage_configs(cfg: RunConfig) -> list[RunConfig]:
     return out
 
 
-def eval_dir_of(cfg: RunConfig) -> Path | None:
-    """Where a run's prepared evaluation data lives (see rankpm.engine.data.run_data)."""
-    if cfg.data.synthetic is None and len(cfg.data.eval) == 1 and (Path(cfg.data.eval[0]) / "manifest.json").is_file():
-        return Path(cfg.data.eval[0])
-    path = Path(cfg.train.out_dir) / "data" / "eval"
-    return path if (path / "manifest.json").is_file() else None
-
-
 def run_stages(cfg: RunConfig, runner=None, *, report: bool = True) -> dict:
     """Train every stage in order (``runner``: engine train, or the cluster's), then report.
 
@@ -90,6 +82,7 @@ def run_stages(cfg: RunConfig, runner=None, *, report: bool = True) -> dict:
     first step. A finished stage is reused only for the same stage config (as a resume).
     """
     from rankpm.engine.io import ensure_folder
+    from rankpm.engine.train.loop import EVAL_PAIRS
     from rankpm.engine.train.resume import check_resume
     from rankpm.engine.train.run_lock import run_lock
 
@@ -113,10 +106,10 @@ def run_stages(cfg: RunConfig, runner=None, *, report: bool = True) -> dict:
             else:
                 summary = dict(runner(stage_cfg), stage=name)
                 atomic_write_json(done, {**summary, "config": stage_cfg.to_dict()})
-            if report and eval_dir_of(stage_cfg) is not None:
-                from rankpm.engine.score.report import report_model_folder
-                section = report_model_folder(Path(stage_cfg.train.out_dir) / "model", eval_dir_of(stage_cfg),
-                                              name=name, batch_groups=stage_cfg.data.eval_batch_groups)
+            pairs_file = Path(stage_cfg.train.out_dir) / EVAL_PAIRS
+            if report and pairs_file.is_file():  # the final evaluation's own pairs: nothing scored twice
+                from rankpm.engine.score.report import PairData, analyse
+                section = analyse(PairData(**json.loads(pairs_file.read_text())), name=name)
                 sections.append(section)
                 summary = dict(summary, report_accuracy=section["accuracy"])
                 if section["calibration"]:

@@ -98,6 +98,10 @@ class LocalStrategy:
     def broadcast_object(self, obj):
         return obj
 
+    def gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        return [obj]
+
     def unwrapped_model(self) -> nn.Module:
         return self.model
 

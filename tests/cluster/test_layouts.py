@@ -15,7 +15,7 @@ all-reduce vs reduce-scatter, two accumulated halves vs two ranks): ~1e-7 relati
 gradient. AdamW's first steps move each weight by about lr * g / |g|, so wherever a
 gradient entry is itself at float-noise level its sign, and the update, can differ: that
 is the case for the "gauge" parameters whose gradient is zero in exact arithmetic (a bias
-that shifts every score of a group equally: score_head.bias, ln_f.bias, the key part of
+that shifts every score of a group equally: ln_f.bias, the key part of
 c_attn.bias), which are excluded from the weight comparison. Measured spreads: losses
 ~1e-6 relative across ZeRO stages and ~1e-5 between 1x2 and 2x1; other weights ~1e-5.
 The tests allow rel 1e-3 on losses and abs 1e-4 on weights, far below what one skipped or
@@ -75,7 +75,7 @@ def losses(out_dir) -> list[float]:
 def exported_weights(out_dir) -> dict:
     """Exported parameters minus the gauge ones (no gradient in exact arithmetic; see above)."""
     model = PreferenceModel.load(out_dir / "model")
-    state = {k: v.float() for k, v in model.state_dict().items() if not k.endswith(("score_head.bias", "ln_f.bias"))}
+    state = {k: v.float() for k, v in model.state_dict().items() if not k.endswith("ln_f.bias")}
     hidden = model.config.hidden_size
     for name in [k for k in state if k.endswith("attn.c_attn.bias")]:  # [query | key | value]
         state[name] = torch.cat([state[name][:hidden], state[name][2 * hidden:]])

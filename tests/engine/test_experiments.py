@@ -7,7 +7,7 @@ from rankpm.engine.cli import main
 from rankpm.engine.data.synthetic_pmp import generate_groups
 from rankpm.engine.data.readers import read_groups
 from rankpm.engine.data.transforms import ranked_pairs
-from rankpm.engine.score.scorer import evaluate_model_folder
+from rankpm.engine.score.eval_folder import evaluate_model_folder
 
 
 def test_the_finetune_source_has_graded_multi_response_rankings():

@@ -152,7 +152,8 @@ def test_eval_refuses_data_made_with_another_tokenizer_and_a_replaced_tokenizer_
 
     from rankpm.engine.data.prepare import prepare
     from rankpm.engine.data.synthetic import generate
-    from rankpm.engine.score.scorer import RewardScorer, evaluate_model_folder
+    from rankpm.engine.score.eval_folder import evaluate_model_folder
+    from rankpm.engine.score.scorer import RewardScorer
 
     src = generate(tmp_path / "syn.jsonl", groups=20, seed=0)
     prepare([src], tmp_path / "bytes", "bytes", max_length=128)

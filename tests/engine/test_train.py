@@ -137,5 +137,5 @@ def test_a_rank_with_no_evaluation_groups_keeps_in_step_with_a_filler_batch(tmp_
     model.register_forward_hook(lambda *_: calls.append(1))
     strategy = LocalStrategy(device=torch.device("cpu"))
     filler = next(iter(ComparisonStream(out / "data" / "eval", shuffle=False, batch_groups=1, loop=False)))
-    result = evaluate(model, [], strategy=strategy, num_batches=3, filler=filler)
+    result = evaluate(model, [], strategy=strategy, num_batches=3, filler=filler).metrics
     assert len(calls) == 3 and result["eval_pairs"] == 0 and result["eval_sequences"] == 0
