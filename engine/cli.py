@@ -3,6 +3,7 @@
     rankpm train CONFIG [KEY=VALUE ...] [--workers N] [--address HOST:PORT]
     rankpm eval MODEL_OR_CHECKPOINT DATA... [--out DIR] [--report DIR]
     rankpm prepare INPUT... --out DIR --tokenizer PATH_OR_KIND
+    rankpm export MODEL_DIR OUT_DIR
     rankpm generate --out FILE --groups N --seed S
     rankpm submit CONFIG [KEY=VALUE ...] --address http://HEAD:8265 [--workers N] [--follow]
     rankpm jobs status|logs|stop JOB_ID --address http://HEAD:8265
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("prepare", help="tokenize comparison files into Arrow shards")
     add_prepare_arguments(p)
     p.set_defaults(run=run_prepare)
+
+    from rankpm.engine.score.export import add_export_arguments, run_export
+    p = commands.add_parser("export", help="write a model folder as a Hugging Face sequence-classification model")
+    add_export_arguments(p)
+    p.set_defaults(run=run_export)
 
     from rankpm.engine.data.synthetic import add_generate_arguments, run_generate
     p = commands.add_parser("generate", help="write synthetic HHH-style comparison groups (JSONL)")

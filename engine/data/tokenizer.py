@@ -100,21 +100,28 @@ class ByteTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A transformers tokenizer (loaded from a local folder, or a BPE trained by rankpm)."""
+    """A transformers tokenizer (loaded from a local folder, or a BPE trained by rankpm).
 
-    def __init__(self, hf, *, kind: str, source: str, identity: dict | None = None):
+    ``eoc_token``: the token scores are read at, when it is not rankpm's own: a reward model
+    trained elsewhere (TRL, OpenRLHF) read its score at the tokenizer's end-of-sequence token,
+    so its own tokenizer keeps that token's role and gains none.
+    """
+
+    def __init__(self, hf, *, kind: str, source: str, identity: dict | None = None, eoc_token: str | None = None):
         self.hf, self.kind = hf, kind
-        added = _ensure_specials(hf)
+        eoc_token = (identity or {}).get("eoc_token", eoc_token)
+        added = _ensure_specials(hf, eoc_token)
         if added:
             log.warning("tokenizer %s lacked %s: added, vocabulary grows from %d to %d tokens "
                         "(the model resizes its embeddings)", source, added, hf.vocab_size, len(hf))
         self.pad_id = hf.pad_token_id
-        self.eoc_id = hf.convert_tokens_to_ids(END_OF_CONTEXT)
+        self.eoc_id = hf.convert_tokens_to_ids(eoc_token or END_OF_CONTEXT)
         self.vocab_size = len(hf)
         self._identity = identity or {
             "kind": kind, "source": source, "class": type(hf).__name__,
             "vocab_size": self.vocab_size, "base_vocab_size": hf.vocab_size, "added_tokens": added,
             "pad_id": self.pad_id, "eoc_id": self.eoc_id, "fingerprint": _hf_fingerprint(hf),
+            **({"eoc_token": eoc_token} if eoc_token else {}),
         }
         for name in ("vocab_size", "pad_id", "eoc_id"):
             if self._identity[name] != getattr(self, name):
@@ -122,10 +129,11 @@ class HFTokenizer(Tokenizer):
                                      f"says {self._identity[name]}; the tokenizer folder was changed")
 
     def encode(self, text: str) -> list[int]:
-        return self.hf(text, add_special_tokens=False)["input_ids"]
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.hf(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        # a special token's text in the input is text (as for bytes): only collate places specials
+        return self.hf(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids)
@@ -141,14 +149,17 @@ class HFTokenizer(Tokenizer):
         return directory
 
 
-def _ensure_specials(hf) -> list[str]:
+def _ensure_specials(hf, eoc_token: str | None = None) -> list[str]:
     from tokenizers import AddedToken
 
     added = []
     if hf.pad_token is None:
         hf.add_special_tokens({"pad_token": PAD})
         added.append(PAD)
-    if END_OF_CONTEXT not in hf.get_vocab():
+    if eoc_token is not None:
+        if eoc_token not in hf.get_vocab():
+            raise TokenizerError(f"end-of-context token {eoc_token!r} is not in the tokenizer's vocabulary")
+    elif END_OF_CONTEXT not in hf.get_vocab():
         hf.add_tokens([AddedToken(END_OF_CONTEXT, special=True, normalized=False)], special_tokens=True)
         added.append(END_OF_CONTEXT)
     return added
@@ -226,4 +237,21 @@ def load_tokenizer(path_or_kind: str | Path) -> Tokenizer:
     except (OSError, ValueError) as err:
         raise TokenizerError(f"{directory}: not a transformers tokenizer folder ({err})") from None
     kind = identity["kind"] if identity else "transformers"
-    return HFTokenizer(hf, kind=kind, source=str(directory), identity=identity)
+    return HFTokenizer(hf, kind=kind, source=str(directory), identity=identity, eoc_token=reward_model_eos(directory, hf))
+
+
+def reward_model_eos(directory: Path, hf) -> str | None:
+    """The end-of-sequence token of a reward model's own folder (a transformers
+    sequence-classification model of one label): where that model reads its score."""
+    config = directory / "config.json"
+    if not config.is_file():
+        return None
+    raw = json.loads(config.read_text())
+    architectures = raw.get("architectures") or []
+    labels = raw.get("num_labels", len(raw.get("id2label") or {0: None}))
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or labels != 1:
+        return None
+    if hf.eos_token is None:
+        raise TokenizerError(f"{directory}: a reward model folder whose tokenizer names no end-of-sequence token; "
+                             f"rankpm cannot tell where the model reads its score")
+    return hf.eos_token

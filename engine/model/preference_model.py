@@ -21,6 +21,7 @@ from rankpm.engine.config import ModelConfig
 from rankpm.engine.fingerprint import require_same, tokenizer_key
 from rankpm.engine.io import atomic_dir
 from rankpm.engine.model.attention import attends_causally, attention_mask
+from rankpm.engine.model.reward_folder import is_reward_folder, load_reward_transformer, reward_folder_config
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,18 @@ class PreferenceModel(nn.Module):
 
         auto = AutoModelForCausalLM if with_lm_head else AutoModel
         folder = Path(cfg.backbone)
+        if folder.is_dir() and is_reward_folder(folder):
+            if tokenizer is not None:
+                require_same("the tokenizer", f"model.backbone {folder} (a reward model's own tokenizer)",
+                             tokenizer_key(folder_tokenizer(folder)), "the run's data (data.tokenizer)",
+                             tokenizer_key(tokenizer))
+            if with_lm_head:
+                raise ValueError(f"model.backbone: {folder} is a reward model without an LM head; the objective's "
+                                 f"LM term needs one")
+            model = cls.from_reward_folder(folder)
+            if cfg.gradient_checkpointing:
+                model.transformer.gradient_checkpointing_enable()
+            return model
         if folder.is_dir():
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"model.backbone: {folder} holds no config.json")
@@ -195,6 +208,10 @@ class PreferenceModel(nn.Module):
 
         directory = Path(directory)
         meta_path = directory / MODEL_FILE
+        if not meta_path.is_file() and is_reward_folder(directory):
+            if with_lm_head:
+                raise ValueError(f"{directory} is a reward model without an LM head")
+            return cls.from_reward_folder(directory)
         if not meta_path.is_file():
             raise FileNotFoundError(f"{directory} is not a rankpm model folder (no {MODEL_FILE})")
         meta = json.loads(meta_path.read_text())
@@ -209,9 +226,22 @@ class PreferenceModel(nn.Module):
                                                     directory))
         return model
 
+    @classmethod
+    def from_reward_folder(cls, folder: str | Path) -> "PreferenceModel":
+        """A transformers sequence-classification reward model: its backbone, its head."""
+        base, head = load_reward_transformer(Path(folder))
+        model = cls(base, has_lm_head=False)
+        with torch.no_grad():
+            model.score_head.weight.copy_(head)
+        return model
+
     @staticmethod
     def read_meta(directory: str | Path) -> dict:
-        return json.loads((Path(directory) / MODEL_FILE).read_text())
+        directory = Path(directory)
+        if not (directory / MODEL_FILE).is_file() and is_reward_folder(directory):
+            return {"format": 1, "has_lm_head": False, "config": reward_folder_config(directory).to_dict(),
+                    "score_stats": {}, "source": "transformers reward model"}
+        return json.loads((directory / MODEL_FILE).read_text())
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -247,12 +277,20 @@ def _quiet_transformers():
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
+def tokenizer_dir(directory: str | Path) -> Path:
+    """Where a model folder's tokenizer is: its tokenizer/, or a reward-model folder itself."""
+    directory = Path(directory)
+    return directory if not (directory / MODEL_FILE).is_file() and is_reward_folder(directory) else directory / "tokenizer"
+
+
 def folder_tokenizer(directory: str | Path) -> dict:
     """The identity of a model folder's tokenizer/, checked against the one the model recorded
     when it was saved (a replaced tokenizer folder would give other token ids)."""
-    from rankpm.engine.data.tokenizer import META_FILE
+    from rankpm.engine.data.tokenizer import META_FILE, load_tokenizer
 
     directory = Path(directory)
+    if tokenizer_dir(directory) == directory:  # a reward-model folder: its own tokenizer
+        return load_tokenizer(directory).identity()
     path = directory / "tokenizer" / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no tokenizer/{META_FILE}; a rankpm model folder carries the "

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rankpm.engine.io import ensure_folder
-from rankpm.engine.model.preference_model import PreferenceModel
+from rankpm.engine.model.preference_model import PreferenceModel, tokenizer_dir
 from rankpm.engine.score.evaluate import evaluate
 from rankpm.engine.score.judges import batch_targets, judge_for_objective
 from rankpm.engine.score.scorer import MANIFEST, check_data_for_model, model_layout, resolve_model_folder
@@ -52,7 +52,7 @@ def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: st
                 labels = Labels(**objective.get("labels", {}))
                 inputs = [str(transform_files(inputs, Path(out_dir or scratch) / "label_expanded.jsonl",
                                               "label_expand", labels, skip_bad=skip_bad, skipped=skipped))]
-            prepare(inputs, data_dir, str(model_dir / "tokenizer"), max_length=meta["config"]["data"]["max_length"],
+            prepare(inputs, data_dir, str(tokenizer_dir(model_dir)), max_length=meta["config"]["data"]["max_length"],
                     truncation=meta["config"]["data"]["truncation"], skip_bad=skip_bad, skipped_before=skipped)
         model = PreferenceModel.load(model_dir, with_lm_head=True if judge == "logprob" else None)
         strategy = LocalStrategy(device=torch.device("cpu"))

@@ -31,7 +31,8 @@ from rankpm.engine.data.tokenizer import load_tokenizer
 from rankpm.engine.data.transforms import Labels
 from rankpm.engine.fingerprint import MismatchError, require_same, tokenizer_key
 from rankpm.engine.model.attention import choose_layout
-from rankpm.engine.model.preference_model import MODEL_FILE, PreferenceModel, folder_tokenizer
+from rankpm.engine.model.preference_model import MODEL_FILE, PreferenceModel, folder_tokenizer, tokenizer_dir
+from rankpm.engine.model.reward_folder import is_reward_folder
 from rankpm.engine.score.judges import JUDGES, batch_targets, judge, judge_for_objective
 
 MANIFEST = "manifest.json"
@@ -67,7 +68,7 @@ class RewardScorer:
         judge = judge or judge_for_objective(objective.get("name", "ranked"))
         folder_tokenizer(directory)  # the tokenizer it was saved with, unchanged
         model = PreferenceModel.load(directory, with_lm_head=True if judge == "logprob" else None)
-        tokenizer = load_tokenizer(str(directory / "tokenizer"))
+        tokenizer = load_tokenizer(str(tokenizer_dir(directory)))
         embeddings = model.transformer.get_input_embeddings().num_embeddings
         if tokenizer.vocab_size > embeddings:
             raise MismatchError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -180,8 +181,11 @@ def resolve_model_folder(path: str | Path) -> Path:
     for candidate in (path, path / "model"):  # model folder; checkpoint or run folder
         if (candidate / MODEL_FILE).is_file():
             return candidate
+    if is_reward_folder(path):  # a transformers reward model (TRL, OpenRLHF, rankpm export)
+        return path
     raise FileNotFoundError(f"{path} is neither a model folder ({MODEL_FILE}), a checkpoint "
-                            f"(OUT_DIR/checkpoints/step_N) nor a run folder (OUT_DIR)")
+                            f"(OUT_DIR/checkpoints/step_N), a run folder (OUT_DIR) nor a transformers reward model "
+                            f"(a ForSequenceClassification folder with one label)")
 
 
 def check_data_for_model(model_dir: Path, data_dir: Path) -> None:

@@ -138,9 +138,10 @@ def save_checkpoint(strategy, out_dir: str | Path, *, step: int, trainer_state: 
     except BaseException as err:
         if strategy.is_main:  # never a half-written temporary left behind (a full disk, a bad weight)
             shutil.rmtree(tmp, ignore_errors=True)
-        if is_write_failure(err) and not isinstance(err, WriteError):
-            raise write_failed(final, err, "the partial checkpoint was removed and the previous one is intact") \
-                from err
+        if is_write_failure(err):  # named after the checkpoint, not the temporary it was written in
+            cause = err.__cause__ if isinstance(err, WriteError) and err.__cause__ is not None else err
+            raise write_failed(final, cause, "the partial checkpoint was removed and the previous one is intact") \
+                from cause
         raise
     strategy.barrier()
     return final

@@ -236,16 +236,23 @@ class DeepSpeedStrategy:
     def export_state_dict(self) -> dict:
         """Full fp32 weights on rank 0 (an empty dict elsewhere). A collective under ZeRO-3.
 
-        Under ZeRO-3 each rank holds a slice of every parameter; gathering them all at once is
-        fine for the models this runs on CPU, and keeps the score head with the backbone.
+        Under ZeRO-3 each rank holds a slice of every parameter: they are gathered one at a
+        time and copied to the CPU on rank 0, so no rank ever holds the whole model at once;
+        every entry of the state dict (the score head included, tied weights under each of
+        their names) is filled, or the export fails.
         """
         module = self.engine.module
         if self.zero_stage == 3:
             import deepspeed
 
-            params = list(module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = _cpu_fp32(module.state_dict()) if self.is_main else {}
+            state = {}
+            for name, value in module.state_dict(keep_vars=True).items():
+                if isinstance(value, nn.Parameter):
+                    with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
+                        if self.is_main:
+                            state[name] = value.detach().float().cpu().clone()
+                elif self.is_main:
+                    state[name] = value.detach().cpu().clone()
             return state
         if self.ds_config.get("bf16", {}).get("enabled"):
             return self._fp32_master_state() if self.is_main else {}

@@ -110,10 +110,10 @@ class LocalStrategy:
         return self.model.state_dict()
 
     def save(self, directory: Path) -> None:
-        """Write model, optimizer and scheduler state into an existing folder."""
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
-                   directory / "training_state.pt")
+        """Write optimizer and scheduler state into an existing folder. The weights are not stored
+        twice: the checkpoint's model/ folder (written first) holds them."""
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "micro_steps": self.micro_steps}, directory / "training_state.pt")
 
     def resize_refusal(self, directory: Path) -> str | None:
         """Why this process cannot load a checkpoint written by another number of ranks."""
@@ -124,8 +124,11 @@ class LocalStrategy:
         path = directory / "training_state.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{directory}: no training_state.pt (written by another strategy?)")
+        from rankpm.engine.model.preference_model import PreferenceModel
+
+        weights = PreferenceModel.load(directory / "model", with_lm_head=self.model.has_lm_head).state_dict()
+        self.model.load_state_dict(weights)
         state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps = state["micro_steps"]
