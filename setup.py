@@ -28,7 +28,9 @@ setup(
         "torch>=2.6",
         "triton>=3.0",
         "deepspeed>=0.15",
-        "ray[default,train]>=2.30",
+        "ray[default,train,serve]>=2.30",
+        "fastapi>=0.110",  # the reward server (rankpm serve), also Ray Serve's HTTP ingress
+        "uvicorn>=0.29",
         "pyarrow>=14",
         "transformers>=4.45",
         "tokenizers>=0.19",

@@ -4,6 +4,7 @@
     rankpm eval MODEL_OR_CHECKPOINT DATA... [--out DIR] [--report DIR]
     rankpm prepare INPUT... --out DIR --tokenizer PATH_OR_KIND
     rankpm export MODEL_DIR OUT_DIR
+    rankpm serve MODEL_DIR [--host 127.0.0.1] [--port 5000] [--token T] [--replicas N]
     rankpm generate --out FILE --groups N --seed S
     rankpm submit CONFIG [KEY=VALUE ...] --address http://HEAD:8265 [--workers N] [--follow]
     rankpm jobs status|logs|stop JOB_ID --address http://HEAD:8265
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     add_export_arguments(p)
     p.set_defaults(run=run_export)
 
+    from rankpm.engine.score.server import add_serve_arguments, run_serve
+    p = commands.add_parser("serve", help="serve a model over HTTP (OpenRLHF's /get_reward, /score), or on Ray Serve")
+    add_serve_arguments(p)
+    p.set_defaults(run=run_serve)
+
     from rankpm.engine.data.synthetic import add_generate_arguments, run_generate
     p = commands.add_parser("generate", help="write synthetic HHH-style comparison groups (JSONL)")
     add_generate_arguments(p)
@@ -91,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     from rankpm.engine.data.errors import DataError
     try:
         return args.run(args) or 0
+    except KeyboardInterrupt:
+        print(f"rankpm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         print(f"rankpm {args.command}: error: {err}", file=sys.stderr)
         return 2

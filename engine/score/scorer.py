@@ -101,7 +101,7 @@ class RewardScorer:
             offsets = (batch.group_offsets // (2 if self.judge == "binary" else 1)).tolist()
             for g, i in enumerate(batch_rows):
                 scores[i] = judged[offsets[g]:offsets[g + 1]].tolist()
-        return [self._normalize(s, normalize) for s in scores]
+        return [self.normalize_scores(s, normalize) for s in scores]
 
     def _rows(self, groups) -> list[dict]:
         """Shard-schema rows of the groups, tokenized and cut as training cut them."""
@@ -142,7 +142,8 @@ class RewardScorer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _normalize(self, raw: list[float], normalize: str) -> list[float]:
+    def normalize_scores(self, raw: list[float], normalize: str) -> list[float]:
+        """Scores centred (or standardised) by the statistics saved with the model."""
         if normalize == "none":
             return raw
         if "score_mean" not in self.score_stats or "score_std" not in self.score_stats:
