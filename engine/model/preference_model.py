@@ -130,7 +130,7 @@ class PreferenceModel(nn.Module):
                                  f"tokenizer has {vocab_size}; use the tokenizer saved in that folder")
             if cfg.gradient_checkpointing:
                 model.transformer.gradient_checkpointing_enable()
-            return model
+            return model.freeze_backbone() if cfg.freeze_backbone else model
 
         auto = AutoModelForCausalLM if with_lm_head else AutoModel
         folder = Path(cfg.backbone)
@@ -145,7 +145,7 @@ class PreferenceModel(nn.Module):
             model = cls.from_reward_folder(folder)
             if cfg.gradient_checkpointing:
                 model.transformer.gradient_checkpointing_enable()
-            return model
+            return model.freeze_backbone() if cfg.freeze_backbone else model
         if folder.is_dir():
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"model.backbone: {folder} holds no config.json")
@@ -183,7 +183,14 @@ class PreferenceModel(nn.Module):
             transformer = auto.from_config(config)
         if cfg.gradient_checkpointing:
             transformer.gradient_checkpointing_enable()
-        return cls(transformer, has_lm_head=with_lm_head)
+        model = cls(transformer, has_lm_head=with_lm_head)
+        return model.freeze_backbone() if cfg.freeze_backbone else model
+
+    def freeze_backbone(self) -> "PreferenceModel":
+        """Only the score head trains: the backbone keeps its weights (the optimizer skips
+        parameters without gradients). Dropout still follows train()/eval()."""
+        self.transformer.requires_grad_(False)
+        return self
 
     def save(self, directory: str | Path, extra: dict | None = None, tokenizer_dir: str | Path | None = None) -> None:
         """Write a self-contained model folder (transformers files, score head, tokenizer), atomically."""
