@@ -34,6 +34,10 @@ class ModelConfig:
     # A rankpm model folder (e.g. a previous stage's OUT_DIR/model) to start from: every
     # weight, score head included; backbone/preset are then ignored.
     init_from: str | None = None
+    # Where the score is read (rankpm.engine.model.reading): "end", the end-of-context token
+    # after the response (decoders); "first", the first token through the backbone's pooler
+    # (BERT-style encoders, as transformers' classifiers read); "auto": by the backbone's kind.
+    reading: Literal["auto", "end", "first"] = "auto"
 
 
 @dataclass(frozen=True)

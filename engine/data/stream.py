@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rankpm.engine.data.collate import collate_table, layout_tokens
-from rankpm.engine.data.schema import LAYOUTS, SCHEMA_VERSION, SHARD_SCHEMA, TARGETS, Batch
+from rankpm.engine.data.schema import LAYOUTS, SCHEMA_VERSION, SHARD_SCHEMA, TARGETS, Batch, Framing
 
 STATE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -65,7 +65,7 @@ class ComparisonStream:
     def __init__(self, data_dir: str | Path, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1024, batch_groups: int = 8,
                  tokens_per_batch: int | None = None, loop: bool = True, interleave: int | None = None,
-                 layout: str = "stacked", targets: str = "none"):
+                 layout: str = "stacked", targets: str = "none", framing: Framing | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
         for name, value in (("shuffle_buffer", shuffle_buffer), ("batch_groups", batch_groups)):
@@ -81,6 +81,11 @@ class ComparisonStream:
         self.shuffle, self.shuffle_buffer, self.loop = shuffle, shuffle_buffer, loop
         self.batch_groups, self.tokens_per_batch = batch_groups, tokens_per_batch
         self.layout, self.targets = layout, targets
+        self.framing = framing or Framing(suffix=(self.manifest["tokenizer"]["eoc_id"],), read="end")
+        if self.framing.specials != self.manifest.get("specials", 1):  # max_length counted other framing tokens
+            raise ValueError(f"{data_dir} was prepared for {self.manifest.get('specials', 1)} special token(s) per "
+                             f"sequence, the reader frames each with {self.framing.specials}; prepare it for this "
+                             f"model's reading")
         self.pad_id = self.manifest["tokenizer"]["pad_id"]
         self.eoc_id = self.manifest["tokenizer"]["eoc_id"]
 
@@ -117,7 +122,7 @@ class ComparisonStream:
                 k = pc.list_value_length(responses).to_numpy(zero_copy_only=False)
                 inner = pc.list_value_length(pc.list_flatten(responses)).to_numpy(zero_copy_only=False)
                 per_group = np.split(inner, np.cumsum(k)[:-1]) if len(k) else []
-                parts.append(layout_tokens(ctx.astype(np.int64), per_group, self.layout))
+                parts.append(layout_tokens(ctx.astype(np.int64), per_group, self.layout, self.framing))
             self._group_tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         return self._group_tokens
 
@@ -217,7 +222,7 @@ class ComparisonStream:
     def _emit(self, rows: list[int], after: tuple[int, int]) -> Batch:
         self._epoch, self._position = after  # state_dict() now points past these rows
         batch = collate_table(self._take(np.asarray(rows, dtype=np.int64)), self.pad_id, self.eoc_id,
-                              layout=self.layout, targets=self.targets)
+                              layout=self.layout, targets=self.targets, framing=self.framing)
         batch.reader_state = self._state(*after)
         return batch
 
