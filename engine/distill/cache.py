@@ -315,7 +315,7 @@ def cache_logits(cfg: CacheLogitsConfig, *, run_parts=None) -> dict:
     request = cache_request(cfg, teacher, prompt_text, prompt_source, prompt_tokens)
     ensure_folder(out, "distill.out_dir")
     if (out / REQUEST).is_file():
-        require_same("the cache settings", f"{out / REQUEST} (the run being resumed)",
+        require_same("the cache's request", f"{out / REQUEST} (the run being resumed)",
                      json.loads((out / REQUEST).read_text()), "this run", json.loads(json.dumps(request)))
         if (out / MANIFEST).is_file():
             log.info("%s: already complete", out)
