@@ -21,11 +21,12 @@ slot) and count 0. Texts longer than the teacher's context after the prompt were
 the left: their first ``manifest["truncation"]`` tokens are gone from input_ids too.
 
 Storage (per row of a shard; T tokens, k entries a token), about 4 bytes a cached entry:
-``ids`` uint16 (T*k) plus ``ids_hi`` uint8 only when the vocabulary exceeds 65,536;
+``ids`` uint16 (T*k) plus, only when the vocabulary exceeds 65,536, ``ids_hi``: the bits
+an id needs beyond 16 (1 for up to 131,072 ids), bit-packed, ceil(T*k*bits/8) bytes;
 ``logprobs`` fp16 or bf16 (uint16 bits), or in "int8" mode a uint8 code per entry with the
 position's (max, min) log-prob in fp16 (``logprob_range``, T*2), decoded linearly;
 ``tail_logmass`` fp16 (T); ``input_ids`` as the ids; ``counts`` uint8 in sampled mode.
-At k = 50 in fp16: 50 * (2 + 2) + 2 + 2 = 204 bytes a token.
+At k = 50 in fp16: 50 * (2 + 2) + 2 + 2 = 204 bytes a token (211 for V = 128,256).
 
 The reader is the comparison shards' reader (shard_reader.ShardReader): the same global
 order, rank shares, shuffle and exact, versioned position; only the row schema differs.
@@ -48,14 +49,13 @@ KIND = "rankpm-logit-cache"
 MODES = ("topk", "sampled")
 LOGPROB_DTYPES = ("fp16", "bf16", "int8")
 EMPTY_ID = -100  # a sampled row's unused slot (kernels.distill_loss ignore_index)
-WIDE = 65536  # ids at or above need the extra byte column
 
 
 def logit_schema(mode: str, logprobs: str, vocab_size: int) -> pa.Schema:
     """The Arrow schema of a cache's rows, fixed by its mode, log-prob storage and vocabulary."""
     if mode not in MODES or logprobs not in LOGPROB_DTYPES:
         raise ValueError(f"mode={mode!r}, logprobs={logprobs!r}: expected one of {MODES} and {LOGPROB_DTYPES}")
-    wide = vocab_size > WIDE
+    wide = high_bits(vocab_size) > 0
     fields = [("row", pa.int64()), ("source", pa.string()), ("truncated", pa.int32()),
               ("input_ids", pa.list_(pa.uint16()))]
     fields += [("input_ids_hi", pa.list_(pa.uint8()))] if wide else []
@@ -73,15 +73,27 @@ def logit_schema(mode: str, logprobs: str, vocab_size: int) -> pa.Schema:
 
 # ----- encoding (the writer) and decoding (the reader) of one row ----------------------------
 
-def split_ids(ids: np.ndarray, wide: bool) -> dict:
-    """int ids -> {"lo": uint16, "hi": uint8 or None}; flattened."""
+def high_bits(vocab_size: int) -> int:
+    """Bits an id needs beyond its low 16: 0 up to 65,536 ids, 1 up to 131,072 (Llama 3's 128,256), ..."""
+    return max(0, (vocab_size - 1).bit_length() - 16)
+
+
+def split_ids(ids: np.ndarray, bits: int) -> dict:
+    """int ids -> {"lo": uint16 low halves, "hi": the ``bits`` high bits of each, bit-packed (uint8), or None}."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    return {"lo": (ids & 0xFFFF).astype(np.uint16), "hi": (ids >> 16).astype(np.uint8) if wide else None}
+    hi = None
+    if bits:
+        planes = ((ids[:, None] >> (16 + np.arange(bits))) & 1).astype(np.uint8)  # (n, bits)
+        hi = np.packbits(planes.reshape(-1))
+    return {"lo": (ids & 0xFFFF).astype(np.uint16), "hi": hi}
 
 
-def join_ids(lo: np.ndarray, hi: np.ndarray | None) -> np.ndarray:
+def join_ids(lo: np.ndarray, hi: np.ndarray | None, bits: int) -> np.ndarray:
     ids = lo.astype(np.int64)
-    return ids if hi is None else ids | (hi.astype(np.int64) << 16)
+    if bits:
+        planes = np.unpackbits(hi, count=len(ids) * bits).reshape(len(ids), bits).astype(np.int64)
+        ids |= (planes << (16 + np.arange(bits))).sum(axis=1)
+    return ids
 
 
 def encode_logprobs(logprobs: np.ndarray, dtype: str) -> dict:
@@ -114,13 +126,14 @@ def decode_logprobs(stored: np.ndarray, value_range: np.ndarray | None, dtype: s
 def decode_row(table: pa.Table, i: int, manifest: dict) -> dict:
     """Row i of a shard table as the arrays the module docstring lists."""
     k, mode, dtype = manifest["k"], manifest["mode"], manifest["logprobs_dtype"]
+    bits = high_bits(manifest["vocab_size"])
 
     def col(name):
         return table.column(name)[i].values.to_numpy(zero_copy_only=False) if name in table.column_names else None
 
     out = {"row": table.column("row")[i].as_py(),
-           "input_ids": join_ids(col("input_ids"), col("input_ids_hi")),
-           "ids": join_ids(col("ids"), col("ids_hi")).reshape(-1, k)}
+           "input_ids": join_ids(col("input_ids"), col("input_ids_hi"), bits),
+           "ids": join_ids(col("ids"), col("ids_hi"), bits).reshape(-1, k)}
     if mode == "sampled":
         counts = col("counts").astype(np.int64).reshape(-1, k)
         out["ids"][counts == 0] = EMPTY_ID

@@ -4,10 +4,9 @@ its top-k log-probs, their ids and the tail's log-mass (or sampled ids with coun
     manifest = cache_logits(load_cache_config("configs/cache_logits.yaml"))
     rankpm cache-logits configs/cache_logits.yaml distill.k=50 [--workers N]
 
-Per worker the prompt's keys and values are computed once (in chunks, so a long prompt
-never forms a prompt x prompt attention matrix at once) and every batch of texts attends to
-them, expanded to the batch, instead of running the prompt again
-(``distill.reuse_prompt_cache=false`` runs prompt + text each time: the benchmark baseline).
+Per worker the prompt's keys and values are computed once and every batch of texts attends
+to them, expanded to the batch, instead of running the prompt again (teacher_pass.py;
+``distill.reuse_prompt_cache=false`` runs prompt + text each time: the benchmark baseline).
 Each text is tokenized alone (prompt.py); one that does not fit the context left after the
 prompt keeps its last tokens, counted in the manifest and logged. The top k come from
 kernels.topk_logits (hidden states x LM head streamed over vocabulary blocks, never the
@@ -33,16 +32,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from rankpm.engine.config import ConfigError
 from rankpm.engine.data.logit_shards import (
-    KIND, LOGIT_SCHEMA_VERSION, MANIFEST, WIDE, encode_logprobs, logit_schema, split_ids,
+    KIND, LOGIT_SCHEMA_VERSION, MANIFEST, encode_logprobs, high_bits, logit_schema, split_ids,
 )
 from rankpm.engine.distill.config import CacheLogitsConfig
 from rankpm.engine.distill.corpus import iter_texts, scan_texts
 from rankpm.engine.distill.prompt import prompt_hash, resolve_prompt
 from rankpm.engine.distill.teacher import Teacher, load_teacher
+from rankpm.engine.distill.teacher_pass import (
+    PromptState, row_generator, sampled_entries, text_hidden, topk_entries,
+)
 from rankpm.engine.fingerprint import file_identity, file_sha256, require_same, tokenizer_key
 from rankpm.engine.io import atomic_write_json, ensure_folder, remove_stale_temporaries, temporary_sibling
 
@@ -50,115 +51,7 @@ log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard_{:05d}.arrow"
 REQUEST = "request.json"
-PREFILL_CHUNK = 1024  # prompt tokens per step of the prompt's key/value prefill
 LOGGED_TRUNCATIONS = 5  # texts named one by one in the log; the rest counted
-
-
-# ----- the teacher pass ------------------------------------------------------------------------
-
-class PromptState:
-    """The prompt's ids and, when reused, its key/value cache (batch 1), computed once."""
-
-    def __init__(self, teacher: Teacher, prompt_ids: list[int], reuse: bool):
-        self.ids = torch.tensor(prompt_ids, dtype=torch.long, device=teacher.device)
-        self.cache = _prefill(teacher, self.ids) if reuse and len(prompt_ids) else None
-
-    def __len__(self) -> int:
-        return int(self.ids.numel())
-
-    def expanded(self, batch: int):
-        """A cache for ``batch`` texts: the prompt's keys/values as views (the forward appends to
-        copies, so the prompt's own cache is never changed)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for layer, entry in enumerate(self.cache.layers):
-            cache.update(entry.keys.expand(batch, -1, -1, -1), entry.values.expand(batch, -1, -1, -1), layer)
-        return cache
-
-
-def _cache_arg(teacher: Teacher) -> str:
-    """The forward's name for a key/value cache: ``cache`` in newer transformers, ``past_key_values`` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(teacher.base.forward).parameters else "past_key_values"
-
-
-@torch.no_grad()
-def _prefill(teacher: Teacher, ids: torch.Tensor):
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for start in range(0, ids.numel(), PREFILL_CHUNK):
-        chunk = ids[start:start + PREFILL_CHUNK][None]
-        positions = torch.arange(start, start + chunk.shape[1], device=ids.device)[None]
-        teacher.base(input_ids=chunk, position_ids=positions, use_cache=True, **{_cache_arg(teacher): cache})
-    return cache
-
-
-@torch.no_grad()
-def text_hidden(teacher: Teacher, prompt: PromptState, texts: list[list[int]]) -> torch.Tensor:
-    """Final hidden states at every text token, the batch's texts one after another: (sum T, H).
-    Row t of a text is the state after prompt + text[:t+1]."""
-    dev, B, P = teacher.device, len(texts), len(prompt)
-    T = max(len(t) for t in texts)
-    ids = torch.zeros(B, T, dtype=torch.long, device=dev)  # right padding: no real token attends to it
-    mask = torch.zeros(B, T, dtype=torch.long, device=dev)
-    for i, t in enumerate(texts):
-        ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        mask[i, :len(t)] = 1
-    ones = torch.ones(B, P, dtype=torch.long, device=dev)
-    if prompt.cache is not None:
-        positions = torch.arange(P, P + T, device=dev)[None].expand(B, -1)
-        hidden = teacher.base(input_ids=ids, attention_mask=torch.cat([ones, mask], 1), position_ids=positions,
-                              use_cache=True, **{_cache_arg(teacher): prompt.expanded(B)}).last_hidden_state  # (B, T, H)
-    else:
-        full = torch.cat([prompt.ids[None].expand(B, -1), ids], 1)  # prompt ids, then the text's own
-        positions = torch.arange(P + T, device=dev)[None].expand(B, -1)
-        hidden = teacher.base(input_ids=full, attention_mask=torch.cat([ones, mask], 1), position_ids=positions,
-                              use_cache=False).last_hidden_state[:, P:]
-    return torch.cat([hidden[i, :len(t)] for i, t in enumerate(texts)])
-
-
-@torch.no_grad()
-def topk_entries(teacher: Teacher, hidden: torch.Tensor, k: int):
-    """(logprobs (N, k) fp32, ids (N, k), tail_logmass (N,)) from the fused top-k pass."""
-    from rankpm.kernels.topk_logits import topk_logprobs
-
-    head = teacher.head
-    bias = getattr(head, "bias", None)
-    return topk_logprobs(hidden.to(head.weight.dtype), head.weight, bias, k=k)
-
-
-@torch.no_grad()
-def sampled_entries(teacher: Teacher, hidden: torch.Tensor, n: int, generator: torch.Generator):
-    """(ids (N, n), counts (N, n)): n draws per row from softmax(head(hidden)), distinct ids
-    first-come in ascending order with their counts, unused slots count 0 (id 0)."""
-    from rankpm.kernels.vocab_blocks import block_sizes, token_blocks
-
-    head = teacher.head
-    bias = getattr(head, "bias", None)
-    weight = head.weight
-    tokens, _ = block_sizes(hidden.shape[0], weight.shape[0], hidden.device.type, None)
-    ids_out, counts_out = [], []
-    for _, _, x in token_blocks(hidden.to(weight.dtype), weight, tokens):  # x: (C, V) fp32
-        if bias is not None:
-            x += bias.float()
-        draws = torch.multinomial(torch.softmax(x, dim=1), n, replacement=True, generator=generator)
-        draws, _ = draws.sort(dim=1)
-        first = torch.ones_like(draws, dtype=torch.bool)
-        first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-        slot = first.long().cumsum(1) - 1  # the distinct id's slot of each draw
-        ids = torch.zeros_like(draws).scatter_(1, slot, draws)
-        counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
-        ids_out.append(ids)
-        counts_out.append(counts)
-    return torch.cat(ids_out), torch.cat(counts_out)
-
-
-def row_generator(seed: int, row: int, device) -> torch.Generator:
-    state = int(np.random.SeedSequence([seed, row]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(state)
 
 
 # ----- one worker's shards ---------------------------------------------------------------------
@@ -218,7 +111,7 @@ def _shard_done(out: Path, shard: int, fingerprint: str) -> bool:
 def _write_shard(out: Path, shard: int, rows: list, teacher: Teacher, prompt: PromptState, schema: pa.Schema,
                  fingerprint: str, cfg: CacheLogitsConfig) -> None:
     d = cfg.distill
-    wide = teacher.vocab_size > WIDE
+    bits = high_bits(teacher.vocab_size)
     columns: dict[str, list] = {name: [] for name in schema.names}
     for start in range(0, len(rows), d.batch_texts):
         batch = rows[start:start + d.batch_texts]
@@ -232,15 +125,15 @@ def _write_shard(out: Path, shard: int, rows: list, teacher: Teacher, prompt: Pr
             columns["row"].append(row)
             columns["source"].append(source)
             columns["truncated"].append(cut)
-            _add_ids(columns, "input_ids", np.asarray(ids), wide)
+            _add_ids(columns, "input_ids", np.asarray(ids), bits)
             if d.mode == "topk":
-                _add_ids(columns, "ids", top_ids[offset:offset + T], wide)
+                _add_ids(columns, "ids", top_ids[offset:offset + T], bits)
                 for name, values in encode_logprobs(logprobs[offset:offset + T], d.logprobs).items():
                     columns[name].append(values)
                 columns["tail_logmass"].append(tail[offset:offset + T].astype(np.float16))
             else:
                 drawn, counts = sampled_entries(teacher, h, d.samples, row_generator(d.seed, row, teacher.device))
-                _add_ids(columns, "ids", drawn.cpu().numpy(), wide)
+                _add_ids(columns, "ids", drawn.cpu().numpy(), bits)
                 columns["counts"].append(counts.cpu().numpy().astype(np.uint8).reshape(-1))
             offset += T
     arrays = [pa.array(columns[f.name], type=f.type) if not pa.types.is_list(f.type) else _list_array(columns[f.name], f.type)
@@ -262,10 +155,10 @@ def _write_shard(out: Path, shard: int, rows: list, teacher: Teacher, prompt: Pr
         raise
 
 
-def _add_ids(columns: dict, name: str, ids: np.ndarray, wide: bool) -> None:
-    parts = split_ids(ids, wide)
+def _add_ids(columns: dict, name: str, ids: np.ndarray, bits: int) -> None:
+    parts = split_ids(ids, bits)
     columns[name].append(parts["lo"])
-    if wide:
+    if bits:
         columns[name + "_hi"].append(parts["hi"])
 
 
@@ -353,8 +246,9 @@ def finalize(out: Path, request: dict, rows: int, k: int, cfg: CacheLogitsConfig
         log.warning("%s: %d of %d texts were longer than the teacher's context after the prompt and were cut from "
                     "the left (%d tokens in all); counted in the manifest", out, truncated["texts"], rows,
                     truncated["tokens_cut"])
-    wide = request["vocab_size"] > WIDE
-    dtypes = {"ids": "uint16" + ("+uint8" if wide else ""), "input_ids": "uint16" + ("+uint8" if wide else "")}
+    bits = high_bits(request["vocab_size"])
+    id_dtype = "uint16" + (f"+{bits}bit" if bits else "")
+    dtypes = {"ids": id_dtype, "input_ids": id_dtype}
     if request["mode"] == "topk":
         dtypes.update(logprobs=request["logprobs_dtype"], tail_logmass="fp16")
         if request["logprobs_dtype"] == "int8":

@@ -16,7 +16,9 @@ import torch
 
 from rankpm.engine.config import ConfigError
 from rankpm.engine.data.errors import DataError
-from rankpm.engine.data.logit_shards import EMPTY_ID, LogitStream, open_logit_cache, require_student
+from rankpm.engine.data.logit_shards import (
+    EMPTY_ID, LogitStream, high_bits, join_ids, open_logit_cache, require_student, split_ids,
+)
 from rankpm.engine.data.tokenizer import load_tokenizer, train_bpe
 from rankpm.engine.distill.cache import cache_logits
 from rankpm.engine.distill.config import cache_config_from_dict
@@ -109,6 +111,30 @@ def test_shards_round_trip_to_the_full_logits_reference(tmp_path, reuse):
         assert (r["ids"] == top).mean() > 0.95
         np.testing.assert_allclose(r["tail_logmass"], tail, atol=2e-2, rtol=2e-3)
     assert manifest["tokens"] == sum(len(r["input_ids"]) for r in got)
+
+
+@pytest.mark.parametrize("vocab,bits", [(264, 0), (65536, 0), (65537, 1), (128256, 1), (300000, 3)])
+def test_ids_are_16_bits_plus_the_high_bits_the_vocabulary_needs_bit_packed(vocab, bits):
+    ids = np.random.default_rng(0).integers(0, vocab, size=(7, 50))
+    ids[0, :2] = 0, vocab - 1
+    assert high_bits(vocab) == bits
+    stored = split_ids(ids, bits)
+    assert stored["lo"].dtype == np.uint16 and (stored["hi"] is None) == (bits == 0)
+    if bits:
+        assert stored["hi"].nbytes == -(-ids.size * bits // 8)  # 350 ids at 17 bits: 700 + 44 bytes
+    assert np.array_equal(join_ids(stored["lo"], stored["hi"], bits).reshape(ids.shape), ids)
+
+
+def test_a_teacher_vocabulary_beyond_65536_round_trips(tmp_path):
+    cfg = config(tmp_path, texts=TEXTS[:2], teacher={"overrides": {"vocab_size": 70000}})
+    manifest = cache_logits(cfg)
+    assert manifest["vocab_size"] == 70000 and manifest["dtypes"]["ids"] == "uint16+1bit"
+    teacher = load_teacher(cfg.teacher)
+    got = rows(cfg.distill.out_dir)
+    for r in got:
+        _, top, _, logp = reference(teacher, teacher.tokenizer.encode(PROMPT), r["input_ids"].tolist(), 8)
+        np.testing.assert_allclose(r["logprobs"], np.take_along_axis(logp, r["ids"], axis=1), atol=2e-2, rtol=2e-3)
+    assert max(r["ids"].max() for r in got) >= 65536
 
 
 def test_entry_t_is_the_distribution_after_prompt_and_text_up_to_t(tmp_path):
