@@ -217,7 +217,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--out", required=True, help="the JSON Lines file to write")
     parser.add_argument("--text", action="store_true",
                         help="write plain-text dialogues {\"text\": ...} (a corpus for cache-logits), one per group")
-    parser.add_argument("--groups", type=int, default=1000)
+    parser.add_argument("--groups", type=int, default=1000, help="comparison groups (with --text: texts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k-min", type=int, default=2, help="fewest responses per group")
     parser.add_argument("--k-max", type=int, default=4, help="most responses per group")

@@ -121,7 +121,6 @@ def _write_shard(out: Path, shard: int, rows: list, teacher: Teacher, prompt: Pr
         offset = 0
         for row, source, ids, cut in batch:
             T = len(ids)
-            h = hidden[offset:offset + T]
             columns["row"].append(row)
             columns["source"].append(source)
             columns["truncated"].append(cut)
@@ -132,7 +131,8 @@ def _write_shard(out: Path, shard: int, rows: list, teacher: Teacher, prompt: Pr
                     columns[name].append(values)
                 columns["tail_logmass"].append(tail[offset:offset + T].astype(np.float16))
             else:
-                drawn, counts = sampled_entries(teacher, h, d.samples, row_generator(d.seed, row, teacher.device))
+                drawn, counts = sampled_entries(teacher, hidden[offset:offset + T], d.samples,
+                                                row_generator(d.seed, row, teacher.device))
                 _add_ids(columns, "ids", drawn.cpu().numpy(), bits)
                 columns["counts"].append(counts.cpu().numpy().astype(np.uint8).reshape(-1))
             offset += T

@@ -52,7 +52,6 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     from rankpm.engine.model.preference_model import MODEL_FILE, PreferenceModel, _quiet_transformers
 
     folder = Path(cfg.model)
-    torch.manual_seed(cfg.seed)
     if (folder / MODEL_FILE).is_file():
         meta = PreferenceModel.read_meta(folder)
         if not meta.get("has_lm_head"):
@@ -76,13 +75,15 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         kind = "transformers folder"
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
-        built = PreferenceModel.build(ModelConfig(backbone=cfg.model, preset=cfg.preset, overrides=cfg.overrides),
-                                      vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                                      eoc_id=tokenizer.eoc_id, max_length=cfg.max_length, with_lm_head=True)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(cfg.seed)
+            built = PreferenceModel.build(ModelConfig(backbone=cfg.model, preset=cfg.preset, overrides=cfg.overrides),
+                                          vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                                          eoc_id=tokenizer.eoc_id, max_length=cfg.max_length, with_lm_head=True)
         model = built.transformer
         kind = f"config-built ({cfg.preset}, seed {cfg.seed})"
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    max_length = min(limit, cfg.max_length) if limit and kind.startswith("config") else (limit or cfg.max_length)
+    max_length = limit or cfg.max_length  # a config-built teacher was given cfg.max_length positions
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
