@@ -24,6 +24,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=ROOTS,
+    package_data={"rankpm.engine.distill": ["hhh_prompt.txt"]},  # the default teacher prompt (cache-logits)
     install_requires=[
         "torch>=2.6",
         "triton>=3.0",

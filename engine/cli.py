@@ -5,7 +5,8 @@
     rankpm prepare INPUT... --out DIR --tokenizer PATH_OR_KIND
     rankpm export MODEL_DIR OUT_DIR
     rankpm serve MODEL_DIR [--host 127.0.0.1] [--port 5000] [--token T] [--replicas N]
-    rankpm generate --out FILE --groups N --seed S
+    rankpm generate --out FILE --groups N --seed S [--text]
+    rankpm cache-logits CONFIG [KEY=VALUE ...] [--workers N]
     rankpm submit CONFIG [KEY=VALUE ...] --address http://HEAD:8265 [--workers N] [--follow]
     rankpm jobs status|logs|stop JOB_ID --address http://HEAD:8265
     rankpm experiment objectives|pmp|pretrain-lm [--out DIR] [options]
@@ -66,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("generate", help="write synthetic HHH-style comparison groups (JSONL)")
     add_generate_arguments(p)
     p.set_defaults(run=run_generate)
+
+    p = commands.add_parser("cache-logits", help="cache a prompted teacher's top-k (or sampled) next-token "
+                                                 "distributions over a corpus as Arrow logit shards")
+    p.add_argument("config", help="YAML cache config, e.g. configs/cache_logits.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. distill.k=50 distill.out_dir=runs/logits")
+    p.add_argument("--workers", type=int, help="split the corpus over this many Ray workers (distill.workers)")
+    p.set_defaults(run=_run_cache_logits)
 
     from rankpm.cluster.jobs import add_jobs_arguments, add_submit_arguments, run_jobs, run_submit
     p = commands.add_parser("submit", help="submit training as a job to a Ray cluster (Jobs API)")
@@ -161,6 +169,22 @@ def _run_train(args) -> int:
     from rankpm.engine.train.stages import run_stages  # every stage through the same runner, then the report
     summary = run_stages(cfg, runner)
     print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _run_cache_logits(args) -> int:
+    from rankpm.engine.distill.cache import cache_logits, summary
+    from rankpm.engine.distill.config import load_cache_config
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"distill.workers={args.workers}")
+    cfg = load_cache_config(args.config, overrides)
+    run_parts = None
+    if cfg.distill.workers > 1:
+        from rankpm.cluster.cache_logits import run_parts_on_ray as run_parts
+    manifest = cache_logits(cfg, run_parts=run_parts)
+    print(json.dumps(summary(manifest, cfg.distill.out_dir)), flush=True)
     return 0
 
 

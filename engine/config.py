@@ -34,8 +34,12 @@ class ModelConfig:
     # A rankpm model folder (e.g. a previous stage's OUT_DIR/model) to start from: every
     # weight, score head included; backbone/preset are then ignored.
     init_from: str | None = None
+    # Where the score is read (rankpm.engine.model.reading): "end", the end-of-context token
+    # after the response (decoders); "first", the first token through the backbone's pooler
+    # (BERT-style encoders, as transformers' classifiers read); "auto": by the backbone's kind.
+    reading: Literal["auto", "end", "first"] = "auto"
     # Train the score head (and nothing else) on a fixed backbone: the backbone's weights,
-    # embeddings included, get no gradient and no optimizer state.
+    # embeddings (and a pooler) included, get no gradient and no optimizer state.
     freeze_backbone: bool = False
 
 
@@ -270,6 +274,12 @@ def _holds(ok, value) -> bool:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML file (or defaults when path is None) and apply KEY=VALUE overrides."""
+    return from_dict(read_raw_config(path, overrides))
+
+
+def read_raw_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """The mapping of a YAML file (empty when path is None) with KEY=VALUE overrides set in it;
+    what ``build_config`` turns into any config dataclass."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -284,7 +294,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
         _set_dotted(raw, key.strip(), _parse_yaml(text, f"override {item!r}"))
-    return from_dict(raw)
+    return raw
 
 
 def _parse_yaml(text: str, where: str):
@@ -299,6 +309,17 @@ def _parse_yaml(text: str, where: str):
 
 def from_dict(raw: dict) -> RunConfig:
     return _build(RunConfig, raw, prefix="").validate()
+
+
+def build_config(cls, raw: dict, ranges: list = ()):
+    """Any frozen config dataclass from a raw mapping, every key checked as for RunConfig, then
+    the numeric keys against ``ranges`` ((dotted key, predicate, what is expected) each)."""
+    cfg = _build(cls, raw, prefix="")
+    for key, ok, expected in ranges:
+        value = _lookup(cfg, key)
+        if value is not None and not _holds(ok, value):
+            raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+    return cfg
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -359,7 +380,7 @@ def _coerce(hint, value: Any, key: str):
     raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {getattr(hint, '__name__', hint)}")
 
 
-def _lookup(cfg: RunConfig, key: str):
+def _lookup(cfg, key: str):
     node: Any = cfg
     for part in key.split("."):
         if node is None:  # inside an optional section that is not set

@@ -18,13 +18,14 @@ def test_installed_copy_imports_from_outside_the_checkout(tmp_path):
                     "--target", str(target), str(source)], check=True, timeout=300)
     code = ("import rankpm.engine.train.loop, rankpm.engine.data.stream, rankpm.kernels.ranked_loss, "
             "rankpm.cluster.launch, rankpm.engine.cli as cli; "
+            "from rankpm.engine.distill.prompt import default_prompt; assert 'Human:' in default_prompt(); "
             "print(rankpm.engine.train.__file__); cli.main(['--help'])")
     env = dict(os.environ, PYTHONPATH=str(target))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(str(target))  # the installed copy, not the checkout
-    assert "train" in result.stdout and "prepare" in result.stdout
+    assert "train" in result.stdout and "prepare" in result.stdout and "cache-logits" in result.stdout
 
 
 def test_a_process_started_in_the_checkout_imports_the_third_party_kernels_package():

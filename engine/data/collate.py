@@ -30,7 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from rankpm.engine.data.schema import LAYOUTS, TARGETS, Batch
+from rankpm.engine.data.schema import LAYOUTS, TARGETS, Batch, Framing
+
+END = Framing(suffix=(0,), read="end")  # one special token after each response (its id does not count here)
 
 
 @dataclass
@@ -95,24 +97,25 @@ def groups_from_table(table: pa.Table) -> Groups:
     )
 
 
-def collate(rows: list[dict], pad_id: int, eoc_id: int, *, layout: str = "stacked", targets: str = "none") -> Batch:
+def collate(rows: list[dict], pad_id: int, eoc_id: int, *, layout: str = "stacked", targets: str = "none",
+            framing: Framing | None = None) -> Batch:
     if not rows:
         raise ValueError("collate: no rows")
-    return build_batch(groups_from_rows(rows), pad_id, eoc_id, layout=layout, targets=targets)
+    return build_batch(groups_from_rows(rows), pad_id, eoc_id, layout=layout, targets=targets, framing=framing)
 
 
 def collate_table(table: pa.Table, pad_id: int, eoc_id: int, *, layout: str = "stacked",
-                  targets: str = "none") -> Batch:
+                  targets: str = "none", framing: Framing | None = None) -> Batch:
     if table.num_rows == 0:
         raise ValueError("collate: no rows")
-    return build_batch(groups_from_table(table), pad_id, eoc_id, layout=layout, targets=targets)
+    return build_batch(groups_from_table(table), pad_id, eoc_id, layout=layout, targets=targets, framing=framing)
 
 
-def unit_lengths(context_len: int, response_lens: list[int], layout: str) -> list[int]:
+def unit_lengths(context_len: int, response_lens: list[int], layout: str, framing: Framing = END) -> list[int]:
     """Tokens of the units one group places into rows: its sequences, or itself when shared."""
     if layout == "shared":
-        return [context_len + sum(n + 1 for n in response_lens)]
-    return [context_len + n + 1 for n in response_lens]
+        return [context_len + sum(n + framing.specials for n in response_lens)]
+    return [context_len + n + framing.specials for n in response_lens]
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[tuple[int, int]]:
@@ -129,16 +132,24 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[tuple[int, i
     return place
 
 
-def build_batch(groups: Groups, pad_id: int, eoc_id: int, *, layout: str, targets: str) -> Batch:
+def build_batch(groups: Groups, pad_id: int, eoc_id: int, *, layout: str, targets: str,
+                framing: Framing | None = None) -> Batch:
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     if targets not in TARGETS:
         raise ValueError(f"targets={targets!r}: expected one of {TARGETS}")
+    framing = framing or Framing(suffix=(eoc_id,), read="end")
+    if layout == "shared" and (framing.prefix or framing.read != "end"):
+        raise ValueError("the shared layout frames responses at their end only (read='end', no prefix)")
+    if framing.read != "end" and targets != "none":
+        raise ValueError(f"targets={targets!r}: LM targets need the end reading (a causal backbone)")
+    prefix, suffix = np.asarray(framing.prefix, dtype=np.int64), np.asarray(framing.suffix, dtype=np.int64)
+    a, z = len(prefix), len(suffix)
     G = len(groups.contexts)
     units: list[tuple[int, int | None]] = []  # (group, response or None for a whole shared group)
     lengths: list[int] = []
     for g in range(G):
-        lens = unit_lengths(len(groups.contexts[g]), [len(r) for r in groups.responses[g]], layout)
+        lens = unit_lengths(len(groups.contexts[g]), [len(r) for r in groups.responses[g]], layout, framing)
         units += [(g, None)] if layout == "shared" else [(g, k) for k in range(len(groups.responses[g]))]
         lengths += lens
     T = max(lengths)
@@ -149,8 +160,8 @@ def build_batch(groups: Groups, pad_id: int, eoc_id: int, *, layout: str, target
     seg = np.zeros((R, T), dtype=np.int32)
     part = np.zeros((R, T), dtype=np.int32)
     segments_in_row = np.zeros(R, dtype=np.int32)
-    # flat positions of each response's pieces: (context positions, response positions, eoc position)
-    where: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int]] = {}
+    # flat positions of each response's pieces: (context, response, its last token, where it is read)
+    where: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int, int]] = {}
     for (g, k), (row, start) in zip(units, place):
         segments_in_row[row] += 1
         context = groups.contexts[g]
@@ -163,24 +174,27 @@ def build_batch(groups: Groups, pad_id: int, eoc_id: int, *, layout: str, target
             at = start + m
             for j, response in enumerate(groups.responses[g]):
                 n = len(response)
-                span = slice(at, at + n + 1)
-                ids[row, at:at + n], ids[row, at + n] = response, eoc_id
-                pos[row, span], seg[row, span], part[row, span] = np.arange(m, m + n + 1), segments_in_row[row], j + 1
-                where[(g, j)] = (ctx_flat, base + np.arange(at, at + n), base + at + n)
-                at += n + 1
-        else:  # one sequence: context, response, eoc
+                span = slice(at, at + n + z)
+                ids[row, at:at + n], ids[row, at + n:at + n + z] = response, suffix
+                pos[row, span], seg[row, span], part[row, span] = np.arange(m, m + n + z), segments_in_row[row], j + 1
+                last = base + at + n + z - 1
+                where[(g, j)] = (ctx_flat, base + np.arange(at, at + n), last, last)
+                at += n + z
+        else:  # one sequence: prefix, context, response, suffix
             response = groups.responses[g][k]
             n = len(response)
-            span = slice(start, start + m + n + 1)
-            ids[row, start:start + m], ids[row, start + m:start + m + n], ids[row, start + m + n] = context, response, eoc_id
-            pos[row, span], seg[row, span] = np.arange(m + n + 1), segments_in_row[row]
-            where[(g, k)] = (base + np.arange(start, start + m), base + np.arange(start + m, start + m + n),
-                             base + start + m + n)
+            length = a + m + n + z
+            ids[row, start:start + length] = np.concatenate([prefix, context, response, suffix])
+            pos[row, start:start + length], seg[row, start:start + length] = np.arange(length), segments_in_row[row]
+            body = start + a
+            last = base + start + length - 1
+            where[(g, k)] = (base + np.arange(body, body + m), base + np.arange(body + m, body + m + n), last,
+                             base + start if framing.read == "first" else last)
 
     score_index, ranks, ratings, offsets = [], [], [], [0]
     for g in range(G):
         for k in range(len(groups.responses[g])):
-            score_index.append(where[(g, k)][2])
+            score_index.append(where[(g, k)][3])
         ranks += groups.ranks[g]
         ratings += groups.ratings[g]
         offsets.append(len(ranks))
@@ -217,7 +231,7 @@ def _lm_targets(groups: Groups, where: dict, eoc_id: int, targets: str):
         for k, response in enumerate(groups.responses[g]):
             wanted = targets == "all_responses" or (targets in ("sample", "response") and groups.ranks[g][k] == best)
             if wanted:
-                ctx_flat, resp_flat, eoc_flat = where[(g, k)]
+                ctx_flat, resp_flat, _, _ = where[(g, k)]
                 context = groups.contexts[g]
                 # the token before each response token: the last context token, then the response's own
                 # (the first response token has none without a context)
@@ -240,8 +254,9 @@ def _lm_targets(groups: Groups, where: dict, eoc_id: int, targets: str):
             np.concatenate(sequence).astype(np.int64))
 
 
-def layout_tokens(context_lens: np.ndarray, response_lens: list[np.ndarray], layout: str) -> np.ndarray:
+def layout_tokens(context_lens: np.ndarray, response_lens: list[np.ndarray], layout: str,
+                  framing: Framing = END) -> np.ndarray:
     """Real tokens each group takes in a layout (the token-budget measure)."""
-    sums = np.array([int(r.sum()) + len(r) for r in response_lens], dtype=np.int64)  # responses and eocs
     counts = np.array([len(r) for r in response_lens], dtype=np.int64)
+    sums = np.array([int(r.sum()) for r in response_lens], dtype=np.int64) + counts * framing.specials
     return context_lens + sums if layout == "shared" else counts * context_lens + sums

@@ -38,17 +38,18 @@ CHUNK_GROUPS = 256  # groups tokenized together
 
 
 def truncate(context: list[int], responses: list[list[int]], max_length: int, policy: str,
-             *, where: Where, fmt: str = "ranked") -> tuple[list[int], list[list[int]], bool]:
-    """(context, responses, truncated) with len(context) + len(response) + 1 <= max_length."""
+             *, where: Where, fmt: str = "ranked", specials: int = 1) -> tuple[list[int], list[list[int]], bool]:
+    """(context, responses, truncated) with len(context) + len(response) + specials <= max_length;
+    ``specials``: the tokens framing each sequence (the end-of-context token; [CLS] and [SEP])."""
     longest = max(len(r) for r in responses)
-    if len(context) + longest + 1 <= max_length:
+    if len(context) + longest + specials <= max_length:
         return context, responses, False
     if policy == "error":
         k = max(range(len(responses)), key=lambda i: len(responses[i]))
         raise DataError(where, response_field(fmt, k),
-                        f"sequence of {len(context) + longest + 1} tokens (context {len(context)} + response "
-                        f"{longest} + end-of-context) exceeds max_length={max_length} under truncation='error'")
-    room = max_length - 1
+                        f"sequence of {len(context) + longest + specials} tokens (context {len(context)} + response "
+                        f"{longest} + {specials} special) exceeds max_length={max_length} under truncation='error'")
+    room = max_length - specials
     responses = [r[-room:] if len(r) > room else r for r in responses]  # keep each response's end
     keep = room - max(len(r) for r in responses)
     context = context[len(context) - keep:] if keep > 0 else []
@@ -64,18 +65,19 @@ def tokenizer_request(spec: str) -> dict:
 
 
 def prepare_request(inputs: list[str | Path], tokenizer: str, *, max_length: int, truncation: str,
-                    skip_bad: bool, transform: dict | None = None) -> dict:
+                    skip_bad: bool, transform: dict | None = None, specials: int = 1) -> dict:
     """Everything that shapes a prepared folder, recorded in its manifest and compared by whoever
     would reuse it: the inputs' contents, the tokenizer, every setting, the schema version."""
     return {"schema_version": SCHEMA_VERSION, "inputs": [file_identity(p) for p in inputs],
             "tokenizer": tokenizer_request(tokenizer), "max_length": max_length, "truncation": truncation,
-            "skip_bad": skip_bad, "transform": transform or {"name": "none"}}
+            "skip_bad": skip_bad, "transform": transform or {"name": "none"},
+            **({"specials": specials} if specials != 1 else {})}
 
 
 def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "bytes", *, max_length: int = 512,
             truncation: str = "left", shard_size_mb: float = 64.0, rows_per_shard: int | None = None,
             skip_bad: bool = False, seed: int = 0, skipped_before: list[dict] | None = None,
-            request: dict | None = None) -> dict:
+            request: dict | None = None, specials: int = 1) -> dict:
     """Tokenize ``inputs`` into ``out_dir``; return the manifest.
 
     ``tokenizer``: "bytes", "bpe:<vocab size>" (trained on these inputs) or a tokenizer
@@ -85,6 +87,8 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "byt
     ``inputs``; the manifest lists them with the rest.
     ``request``: what the caller asked for (``prepare_request``; the caller's own inputs,
     before any transform), recorded in the manifest; by default the request of these inputs.
+    ``specials``: the special tokens each sequence gets around it (rankpm.engine.model.reading),
+    counted in max_length.
     """
     inputs = [str(p) for p in inputs]
     out_dir = Path(out_dir)
@@ -109,27 +113,28 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "byt
             raise FileNotFoundError(f"{path}: no such input file")
     if request is None:
         request = prepare_request(inputs, str(tokenizer), max_length=max_length, truncation=truncation,
-                                  skip_bad=skip_bad)
+                                  skip_bad=skip_bad, specials=specials)
     tok = build_tokenizer(str(tokenizer), texts)
     skipped: list[dict] = list(skipped_before or [])
     with atomic_dir(out_dir) as tmp:
         tok.save(tmp / "tokenizer")
         writer = ShardWriter(tmp, max_bytes=int(shard_size_mb * 2**20), max_rows=rows_per_shard)
-        tally = _Tally()
+        tally = _Tally(specials)
         chunk: list = []
         for item in iter_groups(inputs, skip_bad=skip_bad, skipped=skipped):
             chunk.append(item)
             if len(chunk) >= CHUNK_GROUPS:
                 _write_chunk(chunk, tok, writer, tally, skipped, max_length=max_length, truncation=truncation,
-                             skip_bad=skip_bad)
+                             skip_bad=skip_bad, specials=specials)
                 chunk = []
         _write_chunk(chunk, tok, writer, tally, skipped, max_length=max_length, truncation=truncation,
-                     skip_bad=skip_bad)
+                     skip_bad=skip_bad, specials=specials)
         shards = writer.close()
         _check_usable(inputs, tally, skipped, max_length)
         manifest = _manifest(inputs, tok, shards, tally, skipped, max_length=max_length, truncation=truncation,
                              shard_size_mb=shard_size_mb, rows_per_shard=rows_per_shard, seed=seed)
         manifest["request"] = request
+        manifest["specials"] = specials
         atomic_write_json(tmp / MANIFEST, manifest)
     if skipped:
         log.warning("prepare %s: skipped %d bad rows (listed in %s)", out_dir, len(skipped), out_dir / MANIFEST)
@@ -137,7 +142,8 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "byt
 
 
 class _Tally:
-    def __init__(self):
+    def __init__(self, specials: int = 1):
+        self.specials = specials
         self.groups = self.sequences = self.pairs = 0
         self.truncated_groups = self.truncated_sequences = 0
         self.groups_with_context = 0
@@ -161,7 +167,7 @@ class _Tally:
             stats["context"].add(len(context))
             for r in responses:
                 stats["response"].add(len(r))
-                stats["sequence"].add(len(context) + len(r) + 1)
+                stats["sequence"].add(len(context) + len(r) + self.specials)
         if before[0]:
             self.groups_with_context += 1
             self.contexts_cut_away += not row["context_ids"]
@@ -195,7 +201,7 @@ def _check_usable(inputs: list[str], tally: "_Tally", skipped: list[dict], max_l
                     "without it)", names, max_length, tally.contexts_cut_away, tally.groups_with_context)
 
 
-def _write_chunk(chunk, tok, writer, tally, skipped, *, max_length, truncation, skip_bad) -> None:
+def _write_chunk(chunk, tok, writer, tally, skipped, *, max_length, truncation, skip_bad, specials=1) -> None:
     if not chunk:
         return
     texts = []
@@ -208,7 +214,7 @@ def _write_chunk(chunk, tok, writer, tally, skipped, *, max_length, truncation, 
         responses = [next(ids) for _ in group.responses]
         try:
             cut_context, cut_responses, truncated = truncate(context, responses, max_length, truncation,
-                                                             where=where, fmt=fmt)
+                                                             where=where, fmt=fmt, specials=specials)
             if len(set(map(tuple, cut_responses))) == 1 and len(cut_responses) > 1:
                 raise DataError(where, response_field(fmt, len(responses) - 1),
                                 f"the responses are identical once truncated to max_length={max_length} "

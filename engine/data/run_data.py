@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rankpm.engine.config import RunConfig
 from rankpm.engine.fingerprint import MismatchError, differences, require_same, tokenizer_key
+from rankpm.engine.model.reading import run_reading, specials_for
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,9 @@ def _ensure_prepared(cfg: RunConfig, folder: Path, inputs: list[str], tokenizer:
     from rankpm.engine.data.prepare import prepare, prepare_request
 
     d = cfg.data
+    specials = specials_for(run_reading(cfg.model))
     request = prepare_request(inputs, tokenizer, max_length=d.max_length, truncation=d.truncation,
-                              skip_bad=d.skip_bad, transform=transform)
+                              skip_bad=d.skip_bad, transform=transform, specials=specials)
     manifest = read_manifest(folder)
     if manifest is not None:
         if manifest.get("request") == request:
@@ -124,7 +126,7 @@ def _ensure_prepared(cfg: RunConfig, folder: Path, inputs: list[str], tokenizer:
         inputs = [str(transform_files(inputs, target, transform["name"], Labels(*transform["labels"]),
                                       transform["pairs"], skip_bad=d.skip_bad, skipped=skipped))]
     prepare(inputs, folder, tokenizer, max_length=d.max_length, truncation=d.truncation, skip_bad=d.skip_bad,
-            seed=cfg.train.seed, skipped_before=skipped, request=request)
+            seed=cfg.train.seed, skipped_before=skipped, request=request, specials=specials)
 
 
 def check_prepared_train(cfg: RunConfig, folder: Path, manifest: dict) -> None:
@@ -132,9 +134,11 @@ def check_prepared_train(cfg: RunConfig, folder: Path, manifest: dict) -> None:
     from rankpm.engine.data.prepare import tokenizer_request
 
     d = cfg.data
-    run = {"max_length": d.max_length, "truncation": d.truncation}
-    made = {"max_length": manifest["max_length"], "truncation": manifest["truncation"]["policy"]}
-    require_same("the length policy", f"the run's data settings (data.max_length, data.truncation)", run,
+    run = {"max_length": d.max_length, "truncation": d.truncation,
+           "special tokens per sequence": specials_for(run_reading(cfg.model))}
+    made = {"max_length": manifest["max_length"], "truncation": manifest["truncation"]["policy"],
+            "special tokens per sequence": manifest.get("specials", 1)}
+    require_same("the length policy", f"the run's data settings (data.max_length, data.truncation, model.reading)", run,
                  f"prepared folder {folder}", made)
     wanted = tokenizer_request(d.tokenizer)
     have = tokenizer_key(manifest["tokenizer"])
@@ -148,6 +152,9 @@ def check_prepared_train(cfg: RunConfig, folder: Path, manifest: dict) -> None:
 
 def check_prepared_eval(cfg: RunConfig, folder: Path, manifest: dict, tokenizer: dict, train_dir: Path) -> None:
     """Evaluation data must share the training tokenizer and fit the model's positions."""
+    require_same("the special tokens per sequence", "the run's model.reading",
+                 {"specials": specials_for(run_reading(cfg.model))}, f"evaluation data {folder}",
+                 {"specials": manifest.get("specials", 1)})
     require_same("the tokenizer", f"training data {train_dir}", tokenizer_key(tokenizer),
                  f"evaluation data {folder}", tokenizer_key(manifest["tokenizer"]))
     if manifest["max_length"] > cfg.data.max_length:

@@ -61,6 +61,19 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True)
+class Framing:
+    """The special tokens around each sequence, and which of its positions is read."""
+
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+    read: str = "end"  # "end": the last suffix token; "first": the first prefix token
+
+    @property
+    def specials(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+
 LAYOUTS = ("stacked", "shared", "packed")
 # What the LM targets of a batch cover: none; the preferred sequences' whole sample (PM + LM);
 # their responses only (imitation learning); every sequence's response (the log-prob judge).

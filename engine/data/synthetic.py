@@ -192,9 +192,32 @@ def generate(path: str | Path, *, groups: int, seed: int, k_min: int = 2, k_max:
     return path
 
 
+def generate_text(path: str | Path, *, rows: int, seed: int,
+                  context_words: tuple[int, int] | None = None) -> Path:
+    """Write ``rows`` plain-text rows ``{"text": dialogue}`` (a corpus for ``rankpm cache-logits``):
+    each a group's dialogue ended by its best response; deterministic by seed."""
+    if rows < 1:
+        raise ValueError(f"rows={rows}: expected a positive integer")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"rankpm-synthetic-text-{seed}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            group = make_group(rng, i, 2)
+            if context_words is not None:
+                group = lengthen(group, rng, context_words, (0, 0))
+            best = group["responses"][group["ranks"].index(min(group["ranks"]))]
+            f.write(json.dumps({"id": group["id"], "text": group["prompt"] + best}) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the JSON Lines file to write")
-    parser.add_argument("--groups", type=int, default=1000)
+    parser.add_argument("--text", action="store_true",
+                        help="write plain-text dialogues {\"text\": ...} (a corpus for cache-logits), one per group")
+    parser.add_argument("--groups", type=int, default=1000, help="comparison groups (with --text: texts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k-min", type=int, default=2, help="fewest responses per group")
     parser.add_argument("--k-max", type=int, default=4, help="most responses per group")
@@ -202,6 +225,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.text:
+        path = generate_text(args.out, rows=args.groups, seed=args.seed)
+        print(json.dumps({"out": str(path), "texts": args.groups, "seed": args.seed}), flush=True)
+        return 0
     path = generate(args.out, groups=args.groups, seed=args.seed, k_min=args.k_min, k_max=args.k_max)
     print(json.dumps({"out": str(path), "groups": args.groups, "seed": args.seed}), flush=True)
     return 0

@@ -52,6 +52,7 @@ class Backbone:
 
     kind: str
     spec: str
+    reading: str = "auto"
     folder: str | None = None  # minilm / folder
     lm_dir: str | None = None  # lm
     lm_steps: int | None = None
@@ -69,6 +70,8 @@ class Backbone:
         return size if self.sized else self.kind
 
     def model(self, size: str, **extra) -> dict:
+        if self.reading != "auto":
+            extra = {"reading": self.reading, **extra}
         if self.kind == "scratch":
             return {"backbone": self.spec, "preset": "tiny", "overrides": SIZES[size], **extra}
         if self.kind == "lm":
@@ -107,22 +110,25 @@ def add_backbone_arguments(p) -> None:
     p.add_argument("--lm-dir", default="experiments/results/lm",
                    help="with --backbone lm: where the pre-trained LMs are (OUT/runs/SIZE/model); missing sizes are "
                         "pre-trained there first")
+    p.add_argument("--reading", default="auto", choices=["auto", "end", "first"],
+                   help="model.reading of models built from the backbone: an encoder reads its pooled first "
+                        "token (auto, first) or the appended end-of-context token (end)")
     p.add_argument("--lm-steps", type=int, default=None, help="with --backbone lm: steps of a missing LM's "
                                                               "pre-training (default: pretrain-lm's)")
 
 
 def resolve_backbone(args) -> Backbone:
-    spec = args.backbone
+    spec, reading = args.backbone, args.reading
     if spec == "minilm":
-        return Backbone("minilm", spec, folder=str(minilm_folder()))
+        return Backbone("minilm", spec, reading, folder=str(minilm_folder()))
     if spec == "lm":
-        return Backbone("lm", spec, lm_dir=args.lm_dir, lm_steps=args.lm_steps)
+        return Backbone("lm", spec, reading, lm_dir=args.lm_dir, lm_steps=args.lm_steps)
     if Path(spec).is_dir():
-        return Backbone("folder", spec, folder=spec)
+        return Backbone("folder", spec, reading, folder=spec)
     if any(sep in spec for sep in ("/", "\\")) or spec.startswith((".", "~")):
         raise FileNotFoundError(f"--backbone: {spec} is not a folder (expected gpt2, llama, ..., lm, minilm or a "
                                 f"local model folder)")
-    return Backbone("scratch", spec)
+    return Backbone("scratch", spec, reading)
 
 
 def add_data_arguments(p, *, eval_help: str) -> None:

@@ -16,6 +16,7 @@ Writes results.json, results.md and accuracy_vs_params.png into the output folde
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from rankpm.engine.data.synthetic_pmp import generate_groups, write_jsonl
@@ -81,9 +82,11 @@ def run(args) -> dict:
                           "seed": args.seed, "device": args.device},
             }
             summary, section = run_config(raw)
-            params = parameter_count(Path(raw["train"]["out_dir"]) / "model")
+            model_dir = Path(raw["train"]["out_dir"]) / "model"
+            params = parameter_count(model_dir)
+            reading = json.loads((model_dir / "rankpm_model.json").read_text()).get("reading")
             rows.append({"size": backbone.label(size), "backbone": backbone.kind, "objective": objective,
-                         "frozen_backbone": frozen, "judge": section["judge"],
+                         "frozen_backbone": frozen, "reading": reading, "judge": section["judge"],
                          "accuracy": section["accuracy"], "pairs": section["pairs"],
                          "ece": (section["calibration"] or {}).get("ece"),
                          "by_turns": {t: v["accuracy"] for t, v in section["by_turns"].items()},

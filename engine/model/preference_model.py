@@ -44,16 +44,24 @@ class ModelOutput(NamedTuple):
 
 
 class PreferenceModel(nn.Module):
-    def __init__(self, transformer: nn.Module, *, has_lm_head: bool):
+    def __init__(self, transformer: nn.Module, *, has_lm_head: bool, reading: str = "end"):
         super().__init__()
         self.transformer = transformer  # a base model, or a causal LM when has_lm_head
         self.has_lm_head = has_lm_head
+        self.reading = reading  # "end" or "first" (rankpm.engine.model.reading)
         hidden = transformer.config.hidden_size
         # No bias: a pairwise loss never moves it (it cancels in r_i - r_j), so it would only drift
         # on rounding noise; and Hugging Face's reward heads have none.
         self.score_head = nn.Linear(hidden, 1, bias=False)
         nn.init.normal_(self.score_head.weight, std=1.0 / (hidden + 1) ** 0.5)
         self.causal = attends_causally(transformer)
+        if reading == "first":
+            if self.causal:
+                raise ValueError("model.reading='first' on a causal backbone: its first token sees nothing after "
+                                 "it; read at the end (model.reading: end or auto)")
+            if getattr(transformer.base_model, "pooler", None) is None:
+                raise ValueError(f"model.reading='first' needs a backbone with a pooler (BERT-style); "
+                                 f"{type(transformer.base_model).__name__} has none")
 
     @property
     def config(self):
@@ -87,7 +95,10 @@ class PreferenceModel(nn.Module):
         hidden = self.transformer.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                              **extra).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])  # (R * T, H)
-        scores = _at_least_fp32(self.score_head(flat[score_index]).squeeze(-1))
+        read = flat[score_index]  # (S, H)
+        if self.reading == "first":  # the backbone's pooler on the first token, as its classifiers read
+            read = self.transformer.base_model.pooler(read[:, None, :])
+        scores = _at_least_fp32(self.score_head(read).squeeze(-1))
         lm = None
         if lm_index is not None:
             lm = self._lm(flat[lm_index], lm_targets, lm_reduction)
@@ -109,13 +120,15 @@ class PreferenceModel(nn.Module):
 
     @classmethod
     def build(cls, cfg: ModelConfig, *, vocab_size: int, pad_id: int, eoc_id: int,
-              max_length: int, with_lm_head: bool = False, tokenizer: dict | None = None) -> "PreferenceModel":
+              max_length: int, with_lm_head: bool = False, tokenizer: dict | None = None,
+              reading: str = "end") -> "PreferenceModel":
         """A backbone from a local folder, or from a model type with random init.
 
         With ``cfg.init_from`` (a rankpm model folder, e.g. a previous stage's OUT_DIR/model)
         the whole preference model, score head included, starts from those weights.
         ``tokenizer``: the identity of the tokenizer the data was made with; a model folder or
-        backbone folder that ships another tokenizer is refused, naming both.
+        backbone folder that ships another tokenizer is refused, naming both. ``reading``: where
+        scores are read (rankpm.engine.model.reading.resolve_reading; an init_from model keeps its own).
         """
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -183,7 +196,7 @@ class PreferenceModel(nn.Module):
             transformer = auto.from_config(config)
         if cfg.gradient_checkpointing:
             transformer.gradient_checkpointing_enable()
-        model = cls(transformer, has_lm_head=with_lm_head)
+        model = cls(transformer, has_lm_head=with_lm_head, reading=reading)
         return model.freeze_backbone() if cfg.freeze_backbone else model
 
     def freeze_backbone(self) -> "PreferenceModel":
@@ -195,7 +208,7 @@ class PreferenceModel(nn.Module):
     def save(self, directory: str | Path, extra: dict | None = None, tokenizer_dir: str | Path | None = None) -> None:
         """Write a self-contained model folder (transformers files, score head, tokenizer), atomically."""
         with atomic_dir(directory) as tmp:
-            meta = {"format": 1, "has_lm_head": self.has_lm_head, **(extra or {})}
+            meta = {"format": 1, "has_lm_head": self.has_lm_head, "reading": self.reading, **(extra or {})}
             if tokenizer_dir is not None:
                 shutil.copytree(tokenizer_dir, tmp / "tokenizer")
                 meta["tokenizer"] = folder_tokenizer(tmp)
@@ -228,7 +241,8 @@ class PreferenceModel(nn.Module):
                      "backbone ties them)", directory)
         auto = AutoModelForCausalLM if has_head else AutoModel
         with _quiet_transformers():
-            model = cls(auto.from_pretrained(directory, local_files_only=True), has_lm_head=has_head)
+            model = cls(auto.from_pretrained(directory, local_files_only=True), has_lm_head=has_head,
+                        reading=meta.get("reading", "end"))
         model.score_head.load_state_dict(_bias_free(torch.load(directory / HEAD_FILE, map_location=map_location),
                                                     directory))
         return model

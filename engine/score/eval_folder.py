@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from rankpm.engine.data.tokenizer import load_tokenizer
 from rankpm.engine.io import ensure_folder
+from rankpm.engine.model.reading import framing_for, specials_for
 from rankpm.engine.model.preference_model import PreferenceModel, tokenizer_dir
 from rankpm.engine.score.evaluate import evaluate
 from rankpm.engine.score.judges import batch_targets, judge_for_objective
@@ -53,12 +55,14 @@ def evaluate_model_folder(model_dir: str | Path, data: list[str], *, out_dir: st
                 inputs = [str(transform_files(inputs, Path(out_dir or scratch) / "label_expanded.jsonl",
                                               "label_expand", labels, skip_bad=skip_bad, skipped=skipped))]
             prepare(inputs, data_dir, str(tokenizer_dir(model_dir)), max_length=meta["config"]["data"]["max_length"],
-                    truncation=meta["config"]["data"]["truncation"], skip_bad=skip_bad, skipped_before=skipped)
+                    truncation=meta["config"]["data"]["truncation"], skip_bad=skip_bad, skipped_before=skipped,
+                    specials=specials_for(meta.get("reading", "end")))
         model = PreferenceModel.load(model_dir, with_lm_head=True if judge == "logprob" else None)
         strategy = LocalStrategy(device=torch.device("cpu"))
         strategy.setup(model, None, None)
         stream = ComparisonStream(data_dir, shuffle=False, batch_groups=batch_groups, loop=False,
-                                  layout=model_layout(model), targets=batch_targets(judge))
+                                  layout=model_layout(model), targets=batch_targets(judge),
+                                  framing=framing_for(model.reading, load_tokenizer(str(tokenizer_dir(model_dir)))))
         result = evaluate(model, stream, strategy=strategy, judge=judge, collect=report_dir is not None)
         report = dict(result.metrics, judge=judge, skipped_rows=len(stream.manifest.get("skipped", [])),
                       checkpoint_score_stats=meta.get("score_stats", {}))

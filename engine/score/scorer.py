@@ -31,6 +31,7 @@ from rankpm.engine.data.tokenizer import load_tokenizer
 from rankpm.engine.data.transforms import Labels
 from rankpm.engine.fingerprint import MismatchError, require_same, tokenizer_key
 from rankpm.engine.model.attention import choose_layout
+from rankpm.engine.model.reading import framing_for, specials_for
 from rankpm.engine.model.preference_model import MODEL_FILE, PreferenceModel, folder_tokenizer, tokenizer_dir
 from rankpm.engine.model.reward_folder import is_reward_folder
 from rankpm.engine.score.judges import JUDGES, batch_targets, judge, judge_for_objective
@@ -57,6 +58,7 @@ class RewardScorer:
         self.tokens_per_batch = tokens_per_batch or TOKENS_PER_BATCH.get(self.device.type, 16384)
         self.score_stats = score_stats or {}  # score_mean / score_std of the judge on the evaluation set
         self.layout = model_layout(model)
+        self.framing = framing_for(model.reading, tokenizer)
 
     @classmethod
     def from_folder(cls, directory: str | Path, device: str = "cpu", *, dtype: str = "fp32", judge: str | None = None,
@@ -95,7 +97,7 @@ class RewardScorer:
         scores: list[list[float] | None] = [None] * len(rows)
         for batch_rows in self._batches(rows):
             batch = collate([rows[i] for i in batch_rows], self.tokenizer.pad_id, self.tokenizer.eoc_id,
-                            layout=self.layout, targets=batch_targets(self.judge)).to(self.device)
+                            layout=self.layout, targets=batch_targets(self.judge), framing=self.framing).to(self.device)
             with torch.inference_mode(), self._autocast():
                 judged = judge(self.model, batch, self.judge).scores.float().cpu()
             offsets = (batch.group_offsets // (2 if self.judge == "binary" else 1)).tolist()
@@ -116,7 +118,8 @@ class RewardScorer:
         for i, (context, responses) in enumerate(texts):
             ctx, resp = next(ids), [next(ids) for _ in responses]
             try:
-                ctx, resp, _ = truncate(ctx, resp, self.max_length, self.truncation, where=Where("<request>", i, "group"))
+                ctx, resp, _ = truncate(ctx, resp, self.max_length, self.truncation, where=Where("<request>", i, "group"),
+                                        specials=self.framing.specials)
             except DataError as err:
                 raise ValueError(f"group {i}: {err.reason}") from None
             rows.append({"id": str(i), "source": "", "turns": 1, "margin": None, "ratings": None,
@@ -126,7 +129,8 @@ class RewardScorer:
     def _batches(self, rows: list[dict]):
         """Row indices, longest first, in batches of at most tokens_per_batch layout tokens."""
         sizes = layout_tokens(np.array([len(r["context_ids"]) for r in rows], dtype=np.int64),
-                              [np.array([len(x) for x in r["response_ids"]]) for r in rows], self.layout)
+                              [np.array([len(x) for x in r["response_ids"]]) for r in rows], self.layout,
+                              self.framing)
         batch, used = [], 0
         for i in np.argsort(-sizes, kind="stable").tolist():
             if batch and used + sizes[i] > self.tokens_per_batch:
@@ -195,7 +199,11 @@ def check_data_for_model(model_dir: Path, data_dir: Path) -> None:
     manifest = json.loads((Path(data_dir) / MANIFEST).read_text())
     require_same("the tokenizer", f"model folder {model_dir}", tokenizer_key(folder_tokenizer(model_dir)),
                  f"prepared data {data_dir}", tokenizer_key(manifest["tokenizer"]))
-    limit = PreferenceModel.read_meta(model_dir)["config"]["data"]["max_length"]
+    meta = PreferenceModel.read_meta(model_dir)
+    require_same("the special tokens per sequence", f"model folder {model_dir} (reading {meta.get('reading', 'end')!r})",
+                 {"specials": specials_for(meta.get("reading", "end"))}, f"prepared data {data_dir}",
+                 {"specials": manifest.get("specials", 1)})
+    limit = meta["config"]["data"]["max_length"]
     if manifest["max_length"] > limit:
         raise MismatchError(f"prepared data {data_dir} has sequences of up to max_length={manifest['max_length']} "
                             f"tokens, model folder {model_dir} was trained with max_length={limit}; prepare the data "

@@ -31,6 +31,7 @@ from rankpm.engine.data.stream import ComparisonStream
 from rankpm.engine.data.tokenizer import load_tokenizer
 from rankpm.engine.model.attention import choose_layout
 from rankpm.engine.model.preference_model import PreferenceModel
+from rankpm.engine.model.reading import framing_for, run_reading
 from rankpm.engine.score.evaluate import evaluate
 from rankpm.engine.score.judges import batch_targets, forward
 from rankpm.engine.train.checkpoint import (latest_checkpoint, load_checkpoint, read_trainer_state, remove_unfinished,
@@ -102,16 +103,20 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
     horizon = resume_state.get("schedule_steps", total_steps) if resume_state else total_steps
 
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    reading = run_reading(cfg.model)
+    framing = framing_for(reading, tokenizer)
     model = PreferenceModel.build(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                   eoc_id=tokenizer.eoc_id, max_length=cfg.data.max_length,
-                                  with_lm_head=objective.needs_lm_head, tokenizer=tokenizer.identity())
+                                  with_lm_head=objective.needs_lm_head, tokenizer=tokenizer.identity(),
+                                  reading=reading)
     layout, why = choose_layout(cfg.data.layout, model.causal, model.attention_implementation)
     if strategy.is_main:
-        log.info("batch layout %s: %s", layout, why)
+        log.info("batch layout %s: %s; scores read at %s", layout, why,
+                 "the end-of-context token" if reading == "end" else "the first token, through the pooler")
     stream = ComparisonStream(data.train_dir, rank=strategy.rank, world_size=strategy.world_size,
                               seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                               batch_groups=cfg.data.batch_groups, tokens_per_batch=cfg.data.tokens_per_batch,
-                              loop=True, layout=layout, targets=objective.targets)
+                              loop=True, layout=layout, targets=objective.targets, framing=framing)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, horizon)
     model = strategy.setup(model, optimizer, scheduler)
@@ -150,7 +155,7 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
         metrics.record("config", step, {"config": cfg.to_dict(), "total_steps": total_steps,
                                         "schedule_steps": horizon, "planned_epochs": plan.epochs,
                                         "world_size": strategy.world_size, "train_groups": train_groups,
-                                        "layout": layout,
+                                        "layout": layout, "reading": reading,
                                         **({"resumed": resumed} if resumed else {})})
 
     def run_eval(collect: bool = False) -> dict:
@@ -161,14 +166,16 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
         # ranks alternate group by group (evaluation needs no layout parity, only coverage)
         eval_stream = ComparisonStream(data.eval_dir, rank=strategy.rank, world_size=strategy.world_size,
                                        shuffle=False, batch_groups=cfg.data.eval_batch_groups, loop=False,
-                                       interleave=1, layout=layout, targets=batch_targets(objective.judge))
+                                       interleave=1, layout=layout, targets=batch_targets(objective.judge),
+                                       framing=framing)
         local = torch.tensor(float(math.ceil(eval_stream.num_groups / cfg.data.eval_batch_groups)),
                              device=strategy.device)
         most = int(strategy.all_reduce(local, op="max").item())
         filler = None
         if eval_stream.num_groups == 0:  # more ranks than evaluation groups
             filler = next(iter(ComparisonStream(data.eval_dir, shuffle=False, batch_groups=1, loop=False,
-                                                layout=layout, targets=batch_targets(objective.judge))))
+                                                layout=layout, targets=batch_targets(objective.judge),
+                                                framing=framing)))
         result = evaluate(model, eval_stream, strategy=strategy, num_batches=most, judge=objective.judge,
                           filler=filler, collect=collect)
         if collect and strategy.is_main:
@@ -315,7 +322,8 @@ def export_model(strategy, model_dir: Path, *, tokenizer_dir: Path, cfg: RunConf
         model = strategy.unwrapped_model()
         extra = {"config": cfg.to_dict(),
                  "score_stats": {k: eval_metrics[k] for k in ("score_mean", "score_std") if k in eval_metrics}}
-        export = PreferenceModel(type(model.transformer)(model.transformer.config), has_lm_head=model.has_lm_head)
+        export = PreferenceModel(type(model.transformer)(model.transformer.config), has_lm_head=model.has_lm_head,
+                                 reading=model.reading)
         export.load_state_dict(state)
         export.save(model_dir, extra=extra, tokenizer_dir=tokenizer_dir)
     strategy.barrier()

@@ -148,3 +148,44 @@ def test_eager_attention_takes_the_additive_mask():
     rows = random_groups(4)
     stacked, shared = (forward(eager, collate(rows, PAD, EOC, layout=name)).scores for name in ("stacked", "shared"))
     close(shared, stacked)
+
+
+CLS, SEP = 2, 3  # an encoder's framing tokens in these tests
+
+
+def test_an_encoder_reading_its_first_token_reads_cls_text_sep_through_the_pooler():
+    """reading 'first': [CLS] context response [SEP], the pooler on [CLS], as transformers' encoder
+    classifiers read; packed rows score as stacked ones."""
+    from rankpm.engine.data.schema import Framing
+
+    torch.manual_seed(0)
+    m = PreferenceModel.build(ModelConfig(backbone="bert", preset="tiny"), vocab_size=VOCAB, pad_id=PAD, eoc_id=EOC,
+                              max_length=128, reading="first").eval()
+    framing = Framing(prefix=(CLS,), suffix=(SEP,), read="first")
+    rows = random_groups(4)
+    stacked, packed = (forward(m, collate(rows, PAD, EOC, layout=name, framing=framing)).scores
+                       for name in ("stacked", "packed"))
+    close(packed, stacked)
+    context, response = rows[0]["context_ids"], rows[0]["response_ids"][1]
+    ids = torch.tensor([[CLS, *context, *response, SEP]])
+    with torch.no_grad():
+        hidden = m.transformer(input_ids=ids).last_hidden_state
+        by_hand = m.score_head(m.transformer.pooler(hidden)).squeeze()
+    close(stacked[1], by_hand)
+    with pytest.raises(ValueError, match="shared layout frames responses at their end only"):
+        collate(rows, PAD, EOC, layout="shared", framing=framing)
+
+
+def test_reading_the_first_token_of_a_causal_backbone_is_refused():
+    with pytest.raises(ValueError, match="model.reading='first' on a causal backbone: its first token sees nothing"):
+        PreferenceModel.build(ModelConfig(backbone="gpt2", preset="tiny"), vocab_size=VOCAB, pad_id=PAD, eoc_id=EOC,
+                              max_length=128, reading="first")
+
+
+def test_auto_reading_is_first_for_encoders_and_end_for_decoders():
+    from rankpm.engine.model.reading import resolve_reading
+
+    assert resolve_reading(ModelConfig(backbone="bert")) == "first"
+    assert resolve_reading(ModelConfig(backbone="gpt2")) == "end"
+    assert resolve_reading(ModelConfig(backbone="bert", reading="end")) == "end"
+    assert resolve_reading(ModelConfig(backbone="gpt2"), {"reading": "first"}) == "first"  # init_from keeps its own

@@ -17,7 +17,7 @@ TEXTS = [("\n\nHuman: How do I boil an egg?\n\nAssistant:", [" Boil water, add t
 DECODERS = [("gpt2", {}), ("llama", {"num_key_value_heads": 2}), ("qwen2", {"num_key_value_heads": 2})]
 
 
-def model_folder(root, backbone, overrides, tokenizer="bytes"):
+def model_folder(root, backbone, overrides, tokenizer="bytes", reading="end"):
     """A rankpm model folder (random init) with the given tokenizer."""
     if tokenizer != "bytes":  # a BPE trained on a little text
         src = root / "text.jsonl"
@@ -32,7 +32,8 @@ def model_folder(root, backbone, overrides, tokenizer="bytes"):
     tok = load_tokenizer(tokenizer)
     torch.manual_seed(0)
     model = PreferenceModel.build(ModelConfig(backbone=backbone, preset="tiny", overrides=overrides),
-                                  vocab_size=tok.vocab_size, pad_id=tok.pad_id, eoc_id=tok.eoc_id, max_length=128)
+                                  vocab_size=tok.vocab_size, pad_id=tok.pad_id, eoc_id=tok.eoc_id, max_length=128,
+                                  reading=reading)
     with torch.no_grad():  # a head that separates the responses, so equal scores would not pass by chance
         model.score_head.weight.normal_()
     cfg = from_dict({"data": {"synthetic": {}, "max_length": 128, "tokenizer": tokenizer}})
@@ -67,10 +68,29 @@ def test_transformers_loads_the_export_and_scores_as_rankpm(tmp_path, backbone, 
             assert theirs == pytest.approx(ours, abs=1e-5), (side, context)
 
 
-def test_an_encoder_export_is_refused_with_the_reason(tmp_path):
-    folder = model_folder(tmp_path, "bert", {})
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe:300"])
+def test_an_encoder_reading_its_first_token_exports_as_transformers_reads_it(tmp_path, tokenizer):
+    """BertForSequenceClassification: [CLS] text [SEP], the pooler on [CLS], the classifier (bias 0)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = model_folder(tmp_path, "bert", {}, tokenizer, reading="first")
+    summary = export_hf(folder, tmp_path / "hf")
+    assert summary["architecture"] == "BertForSequenceClassification" and summary["max_abs_difference"] <= 1e-5
+    hf, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and float(hf.classifier.bias.detach()) == 0.0
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    scorer = RewardScorer.from_folder(folder)
+    for context, responses in TEXTS:
+        enc = hf_tok([context + r for r in responses], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            theirs = hf(**enc).logits[:, 0].tolist()
+        assert theirs == pytest.approx(scorer.score(context, responses), abs=1e-5)
+
+
+def test_an_encoder_reading_an_end_of_context_token_is_refused_with_the_reason(tmp_path):
+    folder = model_folder(tmp_path, "bert", {}, reading="end")
     with pytest.raises(ExportError, match="transformers' encoder classifiers read the first token through the "
-                                          "backbone's pooler"):
+                                          "backbone's pooler.*model.reading: first"):
         export_hf(folder, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

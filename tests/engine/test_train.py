@@ -139,3 +139,39 @@ def test_a_rank_with_no_evaluation_groups_keeps_in_step_with_a_filler_batch(tmp_
     filler = next(iter(ComparisonStream(out / "data" / "eval", shuffle=False, batch_groups=1, loop=False)))
     result = evaluate(model, [], strategy=strategy, num_batches=3, filler=filler).metrics
     assert len(calls) == 3 and result["eval_pairs"] == 0 and result["eval_sequences"] == 0
+
+
+def test_an_encoder_run_reads_the_first_token_and_every_consumer_reads_it_the_same_way(tmp_path):
+    """auto reading on an encoder is 'first': the data are framed [CLS] ... [SEP] (two special tokens
+    counted in max_length), the model folder records it, and rankpm eval and the export score it so."""
+    from rankpm.engine.model.preference_model import PreferenceModel
+    from rankpm.engine.score.eval_folder import evaluate_model_folder
+    from rankpm.engine.score.export import export_hf
+
+    cfg = from_dict({**tiny_config(tmp_path / "run").to_dict(), "model": {"backbone": "bert", "preset": "tiny"}})
+    summary = train(cfg)
+    manifest = json.loads((tmp_path / "run" / "data" / "train" / "manifest.json").read_text())
+    assert manifest["specials"] == 2 and manifest["lengths"]["sequence"]["max"] <= 192
+    assert PreferenceModel.read_meta(summary["model"])["reading"] == "first"
+    again = evaluate_model_folder(summary["model"], [str(tmp_path / "run" / "data" / "synthetic_eval.jsonl")])
+    assert again["eval_accuracy"] == pytest.approx(summary["eval_accuracy"], abs=1e-6)
+    assert export_hf(summary["model"], tmp_path / "hf")["max_abs_difference"] <= 1e-5
+
+
+def test_data_prepared_for_another_reading_is_prepared_again_or_refused(tmp_path):
+    from rankpm.engine.data.stream import ComparisonStream
+    from rankpm.engine.model.reading import framing_for
+    from rankpm.engine.data.tokenizer import load_tokenizer
+
+    cfg = from_dict({**tiny_config(tmp_path / "run", max_steps=1).to_dict(),
+                     "model": {"backbone": "bert", "preset": "tiny", "reading": "end"}})
+    train(cfg)
+    data = tmp_path / "run" / "data" / "train"
+    tok = load_tokenizer(str(data / "tokenizer"))
+    with pytest.raises(ValueError, match="prepared for 1 special token.* frames each with 2"):
+        ComparisonStream(data, framing=framing_for("first", tok))
+    fresh = from_dict({**tiny_config(tmp_path / "run2", max_steps=1).to_dict(),
+                       "model": {"backbone": "bert", "preset": "tiny", "reading": "first"},
+                       "data": {**cfg.to_dict()["data"], "synthetic": None, "train": [str(data)], "eval": []}})
+    with pytest.raises(Exception, match="special tokens per sequence"):
+        train(fresh)
