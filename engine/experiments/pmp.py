@@ -98,8 +98,9 @@ def run_seed(args, backbone, seed: int, out: Path) -> tuple[list[dict], list[dic
     """One whole experiment (PMP variants, then every fine-tuning size and arm) for one seed."""
     data = out / "data"
     lr = default_lr(backbone, args.lr)
-    pretrain = [str(write_jsonl(generate_groups("pretrain", args.pretrain_groups, seed), data / "pretrain.jsonl"))] \
-        if not args.pretrain_data else list(args.pretrain_data)
+    # a generated forum question whose answers are all one text compares nothing: left out
+    forum = [g for g in generate_groups("pretrain", args.pretrain_groups, seed) if len(set(g.responses)) > 1]
+    pretrain = [str(write_jsonl(forum, data / "pretrain.jsonl"))] if not args.pretrain_data else list(args.pretrain_data)
     finetune_all = _finetune_groups(args, seed)
     eval_files = list(args.eval_data) if args.eval_data else \
         [str(write_jsonl(generate_groups("finetune", args.eval_groups, seed + 1), data / "eval.jsonl"))]
@@ -154,12 +155,14 @@ def run(args) -> dict:
         more_pmp, more = run_seed(args, backbone, seed, folder)
         pmp_rows += more_pmp
         rows += more
-    result = {"experiment": "pmp", "backbone": backbone.kind,
-              "settings": {k: v for k, v in vars(args).items() if k != "run"},
-              "pmp": pmp_rows, "rows": rows, "summary": summarize(rows)}
-    write_json(out / "results.json", result)
-    _table(out / "results.md", result, args)
-    _plot(out / "accuracy_vs_comparisons.png", result["summary"], args.backbone)
+        # written after every seed: a long sweep stopped part-way keeps the seeds it finished
+        result = {"experiment": "pmp", "backbone": backbone.kind,
+                  "settings": {k: v for k, v in vars(args).items() if k != "run"},
+                  "seeds_done": args.seeds[:args.seeds.index(seed) + 1],
+                  "pmp": pmp_rows, "rows": rows, "summary": summarize(rows)}
+        write_json(out / "results.json", result)
+        _table(out / "results.md", result, args)
+        _plot(out / "accuracy_vs_comparisons.png", result["summary"], args.backbone)
     return result
 
 
@@ -178,7 +181,7 @@ def _table(path: Path, result: dict, args) -> None:
     sizes = sorted({r["comparisons"] for r in summary})
     arms = [a for a in ARMS if any(r["pmp"] == a for r in summary)]
     cell = {(r["comparisons"], r["pmp"]): r for r in summary}
-    seeds = ", ".join(str(s) for s in args.seeds)
+    seeds = ", ".join(str(s) for s in result["seeds_done"])
     data = "the files of --eval-data" if args.eval_data else f"{args.eval_groups} synthetic graded 'hhh' groups"
     pre = "the files of --pretrain-data" if args.pretrain_data else f"{args.pretrain_groups} noisy 'forum' groups"
 

@@ -99,6 +99,19 @@ train: {{out_dir: {tmp_path / 'run'}, max_steps: 1, lr: 1.0e-9, warmup_steps: 0,
     assert main(["train", str(cfg)]) == 0
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", local_files_only=True)
     assert torch.allclose(after.transformer.wte.weight, lm.transformer.wte.weight, atol=1e-6)
+    # and `rankpm cache-logits` runs it as the teacher (its own tokenizer and position limit; no
+    # prompt, which would not fit 192 positions)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": g.context + g.responses[0]}) + "\n" for g in lm_text(3, 7)))
+    cache = tmp_path / "cache.yaml"
+    cache.write_text(f"""
+teacher: {{model: {model_dir}}}
+corpus: {{files: [{corpus}], kind: text}}
+distill: {{out_dir: {tmp_path / 'logits'}, prompt: none, k: 4, batch_texts: 2, rows_per_shard: 2}}
+""")
+    assert main(["cache-logits", str(cache)]) == 0
+    manifest = json.loads((tmp_path / "logits" / "manifest.json").read_text())
+    assert json.dumps(manifest).count(str(model_dir)) >= 1  # the manifest names its teacher
 
 
 @pytest.mark.slow
