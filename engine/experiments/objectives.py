@@ -106,7 +106,7 @@ def _table(path: Path, rows: list[dict], args) -> None:
     data = f"the files of --eval-data" if args.data else f"{args.eval_groups} synthetic graded groups"
     lines = [f"Held-out pair accuracy on {data}; backbone {args.backbone}; {args.steps} steps of "
              f"{args.sequences_per_step} sequences each.", "",
-             "| size | non-embedding params | objective | backbone | judge | pair accuracy | ECE | seconds |",
+             "| size | non-embedding params | objective | backbone weights | judge | pair accuracy | ECE | seconds |",
              "|---|---:|---|---|---|---:|---:|---:|"]
     for r in rows:
         ece = f"{r['ece']:.3f}" if r["ece"] is not None else "-"
