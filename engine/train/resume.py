@@ -51,6 +51,12 @@ def _groups_per_step(flat: dict):
     return parts[0] * parts[1] * parts[2] if all(isinstance(x, int) for x in parts) else parts
 
 
+def _defaults() -> dict:
+    from rankpm.engine.config import RunConfig
+
+    return _flatten(json.loads(json.dumps(RunConfig().to_dict())))
+
+
 def run_changes(stored: dict, now: dict) -> dict[str, list]:
     """{dotted key: [in the checkpoint, now]} for every setting that changes what is trained."""
     a, b = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(now)))  # tuples as JSON has them
@@ -59,10 +65,13 @@ def run_changes(stored: dict, now: dict) -> dict[str, list]:
         flat.pop("data.batch_groups", None)
         flat.pop("train.grad_accum", None)
     changes = {}
+    defaults = _defaults()
     for key in sorted(set(a) | set(b)):
         if any(key == free or (free.endswith(".") and key.startswith(free)) for free in FREE_KEYS):
             continue
         old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if old == "<absent>" and key in defaults and new == defaults[key]:
+            continue  # a setting added since the checkpoint was written, left at its default: the same run
         same = _same_path(old) == _same_path(new) if key in PATH_KEYS else old == new
         if not same:
             changes[key] = [old, new]

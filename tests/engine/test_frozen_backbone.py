@@ -38,3 +38,13 @@ def test_a_frozen_backbone_refuses_an_objective_that_trains_the_lm_head(tmp_path
     raw["objective"] = objective
     with pytest.raises(ConfigError, match="model.freeze_backbone: got True"):
         from_dict(raw)
+
+
+def test_a_checkpoint_written_before_the_key_existed_resumes_when_it_is_left_at_its_default():
+    from rankpm.engine.train.resume import run_changes
+
+    now = config("runs/x").to_dict()
+    stored = {**now, "model": {k: v for k, v in now["model"].items() if k != "freeze_backbone"}}
+    assert run_changes(stored, now) == {}
+    frozen = {**now, "model": {**now["model"], "freeze_backbone": True}}
+    assert run_changes(stored, frozen) == {"model.freeze_backbone": ["<absent>", True]}
