@@ -51,7 +51,7 @@ def resolve_run_data(cfg: RunConfig, strategy, *, keep_prepared: bool = False) -
 
 def resolve_distill_data(cfg: RunConfig, strategy) -> RunData:
     """Context distillation reads logit caches as they are (train, and a held-out one for
-    evaluation, made by the same teacher and prompt); the student's tokenizer (data.tokenizer)
+    evaluation, made by the same teacher and prompt, in any mode); the student's tokenizer (data.tokenizer)
     is saved beside the run, and compared with the cache's once the model is built."""
     from rankpm.engine.data.logit_shards import open_logit_cache
     from rankpm.engine.data.tokenizer import load_tokenizer
@@ -62,7 +62,7 @@ def resolve_distill_data(cfg: RunConfig, strategy) -> RunData:
     if eval_dir is not None:
         held_out = open_logit_cache(eval_dir)
         def made_by(manifest: dict) -> dict:  # what shaped the entries, not where files were
-            keys = ("teacher", "tokenizer", "vocab_size", "prompt", "mode", "k")
+            keys = ("teacher", "tokenizer", "vocab_size", "prompt")  # mode and k may differ: KL is per entry
             return {k: {a: b for a, b in v.items() if a != "source"} if isinstance(v, dict) else v
                     for k, v in ((k, manifest.get(k)) for k in keys)}
 

@@ -127,7 +127,7 @@ class DistillStream:
 
     @property
     def num_groups(self) -> int:  # texts in this rank's share of one pass
-        return self.reader._share_size()
+        return self.reader.num_rows
 
     def state_dict(self) -> dict:
         return self.reader.state_dict()
