@@ -122,3 +122,23 @@ def test_distill_trains_on_one_logit_cache_and_says_so_otherwise(tmp_path, teach
         from_dict({"objective": {"name": "distill"}, "data": {"synthetic": {}}})
     with pytest.raises(FileNotFoundError, match="not a logit cache"):
         train(distill_config(tmp_path / "run", teacher, tmp_path, max_steps=1))
+
+
+def test_distillation_is_a_stage_like_any_other(tmp_path, teacher):
+    """A stage of language modelling, then a distillation stage from its weights."""
+    from rankpm.engine.data.synthetic import generate
+    from rankpm.engine.train.stages import run_stages
+
+    cache = make_cache(tmp_path, teacher, TEXTS)
+    dialogues = generate(tmp_path / "dialogues.jsonl", groups=16, seed=0)
+    cfg = from_dict({
+        "data": {"train": [str(dialogues)], "batch_groups": 4, "max_length": 256},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 2, "progress": False, "log_every": 1},
+        "stages": [{"name": "lm", "objective": {"name": "imitation"}},
+                   {"name": "distill", "data": {"train": [str(cache)]}, "objective": {"name": "distill"},
+                    "lr_scale": 0.05}],
+    })
+    result = run_stages(cfg)
+    assert [s["stage"] for s in result["stages"]] == ["lm", "distill"]
+    meta = PreferenceModel.read_meta(tmp_path / "run" / "stages" / "1-distill" / "model")
+    assert meta["config"]["model"]["init_from"].endswith("0-lm/model") and meta["has_lm_head"]
