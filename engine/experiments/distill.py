@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=0,
                    help="tokens drawn a position in the sampled cache (0: the count at the top-k cache's bytes)")
     p.add_argument("--batch", type=int, default=16, help="documents (texts) a step")
+    p.add_argument("--unprompted", choices=["any", "other"], default="any",
+                   help="the reply of a document without the prompt: any of its group's, or any but the best")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
 
@@ -65,8 +67,9 @@ def run(args) -> dict:
     held_in = _read(generate(data / "distill_groups.jsonl", groups=args.distill_groups, seed=args.seed + 7))
     held_out = _read(generate(data / "eval_groups.jsonl", groups=args.eval_groups, seed=args.seed + 1_000_003))
     rng = random.Random(args.seed)
-    _write(data / "lm_documents.jsonl", [doc for g in groups for doc in _documents(g, rng)])
-    _write(data / "lm_eval_documents.jsonl", [doc for g in held_out[:100] for doc in _documents(g, rng)])
+    _write(data / "lm_documents.jsonl", [doc for g in groups for doc in _documents(g, rng, args.unprompted)])
+    _write(data / "lm_eval_documents.jsonl", [doc for g in held_out[:100]
+                                              for doc in _documents(g, rng, args.unprompted)])
     _write(data / "eval_plain.jsonl", held_out)  # comparisons, no prompt
     _write(data / "eval_prompted.jsonl", [dict(g, prompt=PROMPT + g["prompt"]) for g in held_out])
     _write(data / "distill_texts.jsonl", _texts(held_in))
@@ -90,7 +93,8 @@ def run(args) -> dict:
     result = {
         "prompt": PROMPT, "lm": json.loads((out / "lm" / "summary.json").read_text()),
         "caches": {m: _cache_summary(c) for m, c in caches.items()},
-        "curves": {mode: _curve(out / f"student_{mode}") for mode in students}, "rows": rows,
+        "curves": {mode: [_before(lm, caches["eval"])] + _curve(out / f"student_{mode}") for mode in students},
+        "rows": rows,
         "settings": {k: v for k, v in vars(args).items() if k not in ("run",)},
     }
     write_json(out / "results.json", result)
@@ -109,11 +113,12 @@ def _write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _documents(group: dict, rng: random.Random) -> list[dict]:
+def _documents(group: dict, rng: random.Random, unprompted: str = "any") -> list[dict]:
     """The LM's two documents of a group, as imitation data (the 'chosen' reply is the one learned):
-    with the prompt, the best reply; without it, a reply at random."""
+    with the prompt, the best reply; without it, a reply at random (any, or any but the best)."""
     best = group["ranks"].index(min(group["ranks"]))
-    other = rng.randrange(len(group["responses"]))
+    pool = [i for i, r in enumerate(group["ranks"]) if unprompted == "any" or r != group["ranks"][best]]
+    other = rng.choice(pool)
     def pair(context, k):
         rest = [r for i, r in enumerate(group["responses"]) if i != k and r != group["responses"][k]]
         return {"prompt": context, "chosen": group["responses"][k], "rejected": rest[0] if rest else " -"}
@@ -228,6 +233,22 @@ def _dense_against_teacher(student: Path, teacher: Path, cache: Path, student_pr
     return {"full_kl_to_teacher": kl_sum / max(tokens, 1), "plain_text_nll": nll_sum / max(targets, 1)}
 
 
+def _before(lm: Path, eval_cache: Path) -> dict:
+    """The curves' step 0: the undistilled LM on the held-out cache, measured as training measures."""
+    import torch
+
+    from rankpm.engine.data.tokenizer import load_tokenizer
+    from rankpm.engine.model.preference_model import PreferenceModel, tokenizer_dir
+    from rankpm.engine.score.evaluate import evaluate_distill
+    from rankpm.engine.train.strategy import LocalStrategy
+
+    strategy = LocalStrategy(device=torch.device("cpu"))
+    model = strategy.setup(PreferenceModel.load(lm, with_lm_head=True), None, None)
+    metrics = evaluate_distill(model, eval_cache, strategy=strategy,
+                               pad_id=load_tokenizer(str(tokenizer_dir(lm))).pad_id)
+    return {"step": 0, "eval_kl": metrics["eval_kl"], "eval_lm_nll": metrics["eval_lm_nll"]}
+
+
 def _cache_summary(cache: Path) -> dict:
     m = json.loads((cache / "manifest.json").read_text())
     return {k: m.get(k) for k in ("mode", "k", "samples", "rows", "tokens", "bytes_per_token")}
@@ -250,9 +271,13 @@ def _plot(path: Path, result: dict) -> None:
     a.set_title("The student's KL to the prompted teacher")
     a.legend()
     names = [r["model"] for r in result["rows"]]
-    b.barh(names, [r["comparison_accuracy"] for r in result["rows"]], color="tab:blue")
+    accuracy = [r["comparison_accuracy"] for r in result["rows"]]
+    b.barh(names, accuracy, color="tab:blue")
+    for y, value in enumerate(accuracy):
+        b.text(value + 0.005, y, f"{value:.3f}", va="center")
     b.axvline(0.5, color="grey", ls=":")
-    b.set_xlabel("held-out comparisons: better reply preferred (mean log-prob)")
+    b.set_xlim(0.0, 1.0)
+    b.set_xlabel("better reply preferred (held-out, mean log-prob)")
     b.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
