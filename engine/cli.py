@@ -9,7 +9,7 @@
     rankpm cache-logits CONFIG [KEY=VALUE ...] [--workers N]
     rankpm submit CONFIG [KEY=VALUE ...] --address http://HEAD:8265 [--workers N] [--follow]
     rankpm jobs status|logs|stop JOB_ID --address http://HEAD:8265
-    rankpm experiment objectives|pmp|pretrain-lm [--out DIR] [options]
+    rankpm experiment objectives|pmp|pretrain-lm|distill [--out DIR] [options]
 
 ``train`` and ``eval`` end by printing one JSON line on stdout; logs go to stderr.
 """
@@ -86,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("experiment", help="small-scale replications of the paper's figures")
     experiments = p.add_subparsers(dest="experiment", required=True)
     from rankpm.engine.experiments import objectives as objectives_experiment
+    from rankpm.engine.experiments import distill as distill_experiment
     from rankpm.engine.experiments import pmp as pmp_experiment
     from rankpm.engine.experiments import pretrain_lm as pretrain_lm_experiment
     for name, module in (("objectives", objectives_experiment), ("pmp", pmp_experiment),
-                         ("pretrain-lm", pretrain_lm_experiment)):
+                         ("pretrain-lm", pretrain_lm_experiment), ("distill", distill_experiment)):
         sub = experiments.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_arguments(sub)
         sub.set_defaults(run=lambda args, module=module: print(json.dumps(module.run(args)["rows"])) or 0)

@@ -97,7 +97,9 @@ class ObjectiveConfig:
     #            P(GOOD) = sigmoid(r(x+GOOD) - r(x+BAD)).
     # imitation: LM loss on the preferred response's tokens only; evaluated by the mean
     #            per-token log-probability of each response.
-    name: Literal["ranked", "binary", "imitation"] = "ranked"
+    # distill:   context distillation: KL to a teacher's cached next-token distributions
+    #            (data.train: a logit cache from `rankpm cache-logits`) on the texts' tokens.
+    name: Literal["ranked", "binary", "imitation", "distill"] = "ranked"
     pairs: Literal["all", "adjacent"] = "all"  # for binary: the ranked pairs that are binarized
     reduction: Literal["pairs", "groups"] = "pairs"
     kernel: Literal["auto", "triton", "torch"] = "auto"
@@ -109,6 +111,7 @@ class ObjectiveConfig:
     lm_loss: bool = False
     pm_weight: float = 1.0
     lm_weight: float = 1.0
+    distill_weight: float = 1.0  # distill: the KL term's weight (lm_loss adds the texts' own LM loss)
     # "sum": summed over tokens, averaged over sequences; "mean": averaged over tokens.
     # "auto": sum for imitation (the paper's IL loss), mean for the PM + LM term (a sum
     # over a few hundred tokens would outweigh the PM loss by that factor).
@@ -210,6 +213,14 @@ class RunConfig:
         if not labels.good or not labels.bad or labels.good == labels.bad:
             raise ConfigError(f"objective.labels: good={labels.good!r} and bad={labels.bad!r} must be two "
                               f"different, non-empty strings")
+        if self.objective.name == "distill" and not self.stages:
+            if self.data.synthetic is not None or len(self.data.train) != 1:
+                raise ConfigError("data.train: objective.name='distill' trains on one logit cache folder (what "
+                                  "`rankpm cache-logits` wrote, its distill.out_dir); got "
+                                  f"{'data.synthetic' if self.data.synthetic is not None else list(self.data.train)}")
+            if len(self.data.eval) > 1:
+                raise ConfigError(f"data.eval: objective.name='distill' evaluates on one held-out logit cache "
+                                  f"folder; got {list(self.data.eval)}")
         if self.stages:
             from rankpm.engine.train.stages import stage_configs
             stage_configs(self)  # every stage must be a valid run config on its own
@@ -243,6 +254,7 @@ RANGES = [
     ("objective.rating_margin", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
     ("objective.pm_weight", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
     ("objective.lm_weight", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("objective.distill_weight", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
     ("train.seed", lambda x: x >= 0, "an integer >= 0"),
     ("train.lr", lambda x: _finite(x) and x > 0, "a finite number > 0"),
     ("train.weight_decay", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),

@@ -36,6 +36,8 @@ class RunData:
 
 
 def resolve_run_data(cfg: RunConfig, strategy, *, keep_prepared: bool = False) -> RunData:
+    if cfg.objective.name == "distill":
+        return resolve_distill_data(cfg, strategy)
     data_root = Path(cfg.train.out_dir) / "data"
     if strategy.is_main:
         _materialize(cfg, data_root, keep_prepared)
@@ -45,6 +47,32 @@ def resolve_run_data(cfg: RunConfig, strategy, *, keep_prepared: bool = False) -
     if cfg.data.eval or cfg.data.synthetic is not None:
         eval_dir = user_prepared(cfg.data.eval, synthetic=cfg.data.synthetic is not None) or data_root / "eval"
     return RunData(train_dir, eval_dir, train_dir / "tokenizer")
+
+
+def resolve_distill_data(cfg: RunConfig, strategy) -> RunData:
+    """Context distillation reads logit caches as they are (train, and a held-out one for
+    evaluation, made by the same teacher and prompt, in any mode); the student's tokenizer (data.tokenizer)
+    is saved beside the run, and compared with the cache's once the model is built."""
+    from rankpm.engine.data.logit_shards import open_logit_cache
+    from rankpm.engine.data.tokenizer import load_tokenizer
+
+    train_dir = Path(cfg.data.train[0])
+    train = open_logit_cache(train_dir)
+    eval_dir = Path(cfg.data.eval[0]) if cfg.data.eval else None
+    if eval_dir is not None:
+        held_out = open_logit_cache(eval_dir)
+        def made_by(manifest: dict) -> dict:  # what shaped the entries, not where files were
+            keys = ("teacher", "tokenizer", "vocab_size", "prompt")  # mode and k may differ: KL is per entry
+            return {k: {a: b for a, b in v.items() if a != "source"} if isinstance(v, dict) else v
+                    for k, v in ((k, manifest.get(k)) for k in keys)}
+
+        require_same("the teacher's cache settings", f"training cache {train_dir}", made_by(train),
+                     f"evaluation cache {eval_dir}", made_by(held_out))
+    tokenizer_dir = Path(cfg.train.out_dir) / "data" / "tokenizer"
+    if strategy.is_main:
+        load_tokenizer(cfg.data.tokenizer).save(tokenizer_dir)
+    strategy.barrier()
+    return RunData(train_dir, eval_dir, tokenizer_dir)
 
 
 def user_prepared(inputs: list[str], *, synthetic: bool) -> Path | None:

@@ -117,7 +117,9 @@ def _write_shard(out: Path, shard: int, rows: list, teacher: Teacher, prompt: Pr
         batch = rows[start:start + d.batch_texts]
         hidden = text_hidden(teacher, prompt, [ids for _, _, ids, _ in batch])
         if d.mode == "topk":
-            logprobs, top_ids, tail = (t.float().cpu().numpy() for t in topk_entries(teacher, hidden, d.k))
+            entries = topk_entries(teacher, hidden, d.k)
+            logprobs, tail = entries.logprobs.float().cpu().numpy(), entries.tail_logmass.float().cpu().numpy()
+            top_ids = entries.ids.cpu().numpy()
         offset = 0
         for row, source, ids, cut in batch:
             T = len(ids)
@@ -136,7 +138,7 @@ def _write_shard(out: Path, shard: int, rows: list, teacher: Teacher, prompt: Pr
                 _add_ids(columns, "ids", drawn.cpu().numpy(), bits)
                 columns["counts"].append(counts.cpu().numpy().astype(np.uint8).reshape(-1))
             offset += T
-    arrays = [pa.array(columns[f.name], type=f.type) if not pa.types.is_list(f.type) else _list_array(columns[f.name], f.type)
+    arrays = [_list_array(columns[f.name], f.type) if pa.types.is_list(f.type) else pa.array(columns[f.name], type=f.type)
               for f in schema]
     stats = {"rows": [rows[0][0], rows[-1][0] + 1], "tokens": int(sum(len(r[2]) for r in rows)),
              "truncated_texts": sum(r[3] > 0 for r in rows), "tokens_cut": int(sum(r[3] for r in rows))}

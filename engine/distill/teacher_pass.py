@@ -87,7 +87,7 @@ def text_hidden(teacher: Teacher, prompt: PromptState, texts: list[list[int]]) -
 
 @torch.no_grad()
 def topk_entries(teacher: Teacher, hidden: torch.Tensor, k: int):
-    """(logprobs (N, k) fp32, ids (N, k), tail_logmass (N,)) from the fused top-k pass."""
+    """TopKLogprobs(logprobs (N, k) fp32, ids (N, k) int64, tail_logmass (N,)) from the fused top-k pass."""
     from rankpm.kernels.topk_logits import topk_logprobs
 
     head = teacher.head

@@ -41,6 +41,9 @@ class ModelOutput(NamedTuple):
     # the batch's LM targets: their summed negative log-likelihood (a differentiable scalar), or
     # with lm_reduction="none" each target's log-probability (L,); None without targets
     lm: torch.Tensor | None = None
+    # with distillation targets: the KL to the cached teacher summed over their positions
+    # (sampled mode: the cross-entropy to the drawn tokens), a differentiable scalar
+    distill: torch.Tensor | None = None
 
 
 class PreferenceModel(nn.Module):
@@ -78,8 +81,9 @@ class PreferenceModel(nn.Module):
         return self.transformer.get_output_embeddings()
 
     def forward(self, input_ids, position_ids, segment_ids, part_ids, score_index, *, layout: str = "stacked",
-                lm_index=None, lm_targets=None, lm_reduction: str = "sum") -> ModelOutput:
-        """Scores at ``score_index`` (flat into R * T); with LM targets also their loss.
+                lm_index=None, lm_targets=None, lm_reduction: str = "sum", distill=None) -> ModelOutput:
+        """Scores at ``score_index`` (flat into R * T); with LM targets also their loss; with
+        ``distill`` (rankpm.engine.data.text_batch.DistillTargets) the KL to a cached teacher.
 
         The mask of the layout (rankpm.engine.model.attention) is built here. The LM head
         runs here, inside the module's forward, through the fused linear cross-entropy on
@@ -102,7 +106,19 @@ class PreferenceModel(nn.Module):
         lm = None
         if lm_index is not None:
             lm = self._lm(flat[lm_index], lm_targets, lm_reduction)
-        return ModelOutput(scores, hidden, lm)
+        kl = self._distill(flat[distill.index], distill) if distill is not None else None
+        return ModelOutput(scores, hidden, lm, kl)
+
+    def _distill(self, rows: torch.Tensor, t) -> torch.Tensor:
+        """The fused KL of the LM head's distribution at ``rows`` to the cached teacher, summed:
+        the head's weight is read here, inside forward, for the reason _lm is."""
+        from rankpm.kernels.distill_loss import distill_loss
+
+        head = self.lm_head
+        weight, bias = head.weight.to(rows.dtype), getattr(head, "bias", None)
+        bias = bias.to(rows.dtype) if bias is not None else None
+        return _at_least_fp32(distill_loss(rows, weight, t.ids, t.logprobs, t.tail, bias, mode=t.mode,
+                                           counts=t.counts, reduction="sum"))
 
     def _lm(self, rows: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         from rankpm.kernels.linear_cross_entropy import linear_cross_entropy

@@ -90,3 +90,38 @@ def _totals(judged) -> torch.Tensor:
     return torch.stack([count, result.accuracy.double() * count, result.loss.double() * count,
                         torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device),
                         scores.double().sum(), scores.double().pow(2).sum()])
+
+
+@torch.no_grad()
+def evaluate_distill(model, cache_dir, *, strategy, pad_id: int, batch_texts: int = 64) -> dict:
+    """The student's mean KL to the teacher on a held-out logit cache (over the cached k ids and
+    the tail bucket; sampled caches: the cross-entropy to the drawn tokens), and its own next-token
+    NLL on those texts. Ranks read alternate texts, every rank runs the global maximum of forward
+    passes (repeats with zero weight) so ZeRO-3's gathers stay in step."""
+    from rankpm.engine.data.text_batch import DistillStream
+    from rankpm.engine.score.judges import forward
+
+    stream = DistillStream(cache_dir, pad_id=pad_id, rank=strategy.rank, world_size=strategy.world_size,
+                           shuffle=False, batch_texts=batch_texts, loop=False)
+    most = int(strategy.all_reduce(torch.tensor(float(math.ceil(stream.num_groups / batch_texts)),
+                                                device=strategy.device), op="max").item())
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=strategy.device)  # kl, tokens, nll, lm targets
+    last, seen = None, 0
+    for batch in stream:
+        last = batch.to(strategy.device)
+        with strategy.autocast():
+            out = forward(model, last, distill=last.distill, lm_index=last.lm_index, lm_targets=last.lm_targets)
+        totals += torch.stack([out.distill.double(), torch.tensor(float(last.distill.index.numel())).to(totals),
+                               out.lm.double(), torch.tensor(float(last.lm_targets.numel())).to(totals)])
+        seen += 1
+    if last is None and seen < most:  # an empty share: any batch keeps this rank in step
+        last = next(iter(DistillStream(cache_dir, pad_id=pad_id, shuffle=False, batch_texts=1, loop=False)))
+        last = last.to(strategy.device)
+    for _ in range(most - seen):
+        with strategy.autocast():
+            forward(model, last, distill=last.distill)  # collectives only; results unused
+    model.train(was_training)
+    kl, tokens, nll, targets = strategy.all_reduce(totals).tolist()
+    return {"eval_kl": kl / max(tokens, 1), "eval_tokens": int(tokens), "eval_lm_nll": nll / max(targets, 1)}

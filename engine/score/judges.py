@@ -30,7 +30,7 @@ class Judged(NamedTuple):
 
 
 def judge_for_objective(name: str) -> str:
-    return {"ranked": "score", "binary": "binary", "imitation": "logprob"}[name]
+    return {"ranked": "score", "binary": "binary", "imitation": "logprob", "distill": "logprob"}[name]
 
 
 def batch_targets(kind: str) -> str:

@@ -32,7 +32,7 @@ from rankpm.engine.data.tokenizer import load_tokenizer
 from rankpm.engine.model.attention import choose_layout
 from rankpm.engine.model.preference_model import PreferenceModel
 from rankpm.engine.model.reading import framing_for, run_reading
-from rankpm.engine.score.evaluate import evaluate
+from rankpm.engine.score.evaluate import evaluate_distill, evaluate
 from rankpm.engine.score.judges import batch_targets, forward
 from rankpm.engine.train.checkpoint import (latest_checkpoint, load_checkpoint, read_trainer_state, remove_unfinished,
                                             save_checkpoint, seed_everything)
@@ -94,10 +94,11 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
     tokenizer = load_tokenizer(str(data.tokenizer_dir))
     objective = build_objective(cfg.objective)
 
-    train_groups = read_manifest(data.train_dir)["counts"]["groups"]
+    distill = cfg.objective.name == "distill"
+    train_groups = data_units(data.train_dir, distill)  # comparison groups, or texts
     plan = plan_steps(cfg, train_groups, strategy.world_size)
-    if data.eval_dir is not None and read_manifest(data.eval_dir)["counts"]["groups"] == 0:
-        raise ConfigError(f"data.eval: {data.eval_dir} holds no comparison groups to evaluate on")
+    if data.eval_dir is not None and data_units(data.eval_dir, distill) == 0:
+        raise ConfigError(f"data.eval: {data.eval_dir} holds nothing to evaluate on")
     total_steps = plan.total_steps
     # a changed step count (allowed by resume_with_changes) keeps the schedule the run began with
     horizon = resume_state.get("schedule_steps", total_steps) if resume_state else total_steps
@@ -109,14 +110,30 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
                                   eoc_id=tokenizer.eoc_id, max_length=cfg.data.max_length,
                                   with_lm_head=objective.needs_lm_head, tokenizer=tokenizer.identity(),
                                   reading=reading)
-    layout, why = choose_layout(cfg.data.layout, model.causal, model.attention_implementation)
-    if strategy.is_main:
-        log.info("batch layout %s: %s; scores read at %s", layout, why,
-                 "the end-of-context token" if reading == "end" else "the first token, through the pooler")
-    stream = ComparisonStream(data.train_dir, rank=strategy.rank, world_size=strategy.world_size,
-                              seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                              batch_groups=cfg.data.batch_groups, tokens_per_batch=cfg.data.tokens_per_batch,
-                              loop=True, layout=layout, targets=objective.targets, framing=framing)
+    if distill:
+        from rankpm.engine.data.logit_shards import require_student
+        from rankpm.engine.data.text_batch import DistillStream
+
+        if not model.causal:
+            raise ConfigError(f"objective.name='distill': the student must be a causal language model; "
+                              f"{type(model.transformer).__name__} attends both ways")
+        require_student(read_manifest(data.train_dir), tokenizer.identity(), model.lm_head.out_features)
+        layout = "packed"  # each text its own segment
+        stream = DistillStream(data.train_dir, pad_id=tokenizer.pad_id, rank=strategy.rank,
+                               world_size=strategy.world_size, seed=cfg.train.seed,
+                               shuffle_buffer=cfg.data.shuffle_buffer, batch_texts=cfg.data.batch_groups, loop=True)
+        if strategy.is_main:
+            log.info("distilling from %s: %d texts, %s cache (k=%d), %d texts a micro-batch", data.train_dir,
+                     train_groups, stream.manifest["mode"], stream.manifest["k"], cfg.data.batch_groups)
+    else:
+        layout, why = choose_layout(cfg.data.layout, model.causal, model.attention_implementation)
+        if strategy.is_main:
+            log.info("batch layout %s: %s; scores read at %s", layout, why,
+                     "the end-of-context token" if reading == "end" else "the first token, through the pooler")
+        stream = ComparisonStream(data.train_dir, rank=strategy.rank, world_size=strategy.world_size,
+                                  seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                  batch_groups=cfg.data.batch_groups, tokens_per_batch=cfg.data.tokens_per_batch,
+                                  loop=True, layout=layout, targets=objective.targets, framing=framing)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, horizon)
     model = strategy.setup(model, optimizer, scheduler)
@@ -163,6 +180,9 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
         for the report (made from this pass, not from scoring the set again)."""
         if data.eval_dir is None:
             return {}
+        if distill:
+            return evaluate_distill(model, data.eval_dir, strategy=strategy, pad_id=tokenizer.pad_id,
+                                    batch_texts=cfg.data.eval_batch_groups)
         # ranks alternate group by group (evaluation needs no layout parity, only coverage)
         eval_stream = ComparisonStream(data.eval_dir, rank=strategy.rank, world_size=strategy.world_size,
                                        shuffle=False, batch_groups=cfg.data.eval_batch_groups, loop=False,
@@ -287,6 +307,12 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
         "epochs": round(counters["groups_seen"] / train_groups, 4),
         "skipped_steps": counters["skipped_steps"],
     }
+
+
+def data_units(folder: Path, distill: bool) -> int:
+    """What a split holds: comparison groups, or a logit cache's texts."""
+    manifest = read_manifest(folder)
+    return manifest["rows"] if distill else manifest["counts"]["groups"]
 
 
 def _close(batches) -> None:

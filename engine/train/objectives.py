@@ -9,6 +9,10 @@
                over preferred responses ("preferred": the best rank of its group)
     PM + LM    pm_weight * L_PM + lm_weight * L_LM, L_LM over the whole preferred sample
                (context, response and end-of-context token), mean per token by default
+    distill    context distillation from a logit cache: L_KL = mean over the texts' tokens of
+               KL(teacher || student) over the cached k ids and one tail bucket (sampled
+               caches: the cross-entropy to the drawn tokens), distill_weight * L_KL, plus
+               lm_weight * L_LM on the texts' own next tokens when lm_loss is set
 
 The objective says which LM targets its batches carry (``targets``, made when the batch is
 built), what the model must compute (``model_inputs``: the targets for the forward, so the
@@ -116,9 +120,46 @@ class ImitationObjective:
         })
 
 
+class DistillObjective:
+    """The student's KL to a cached teacher on plain texts (rankpm.engine.data.text_batch)."""
+
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+        self.judge = "logprob"  # a language model compares responses by their mean log-prob
+        self.targets = "none"
+
+    @property
+    def needs_lm_head(self) -> bool:
+        return True
+
+    def model_inputs(self, batch) -> dict:
+        lm = {"lm_index": batch.lm_index, "lm_targets": batch.lm_targets} if self.cfg.lm_loss else {}
+        return {"distill": batch.distill, **lm}
+
+    def __call__(self, output: ModelOutput, batch) -> ObjectiveOutput:
+        if output.distill is None:
+            raise ValueError("distill objective: the model output has no distillation term; "
+                             "call the model with objective.model_inputs(batch)")
+        tokens = torch.tensor(float(batch.distill.index.numel()))  # known on the host: no sync
+        kl = output.distill / tokens.clamp(min=1)
+        loss = self.cfg.distill_weight * kl
+        sums = {"loss": (None, tokens), "kl": (output.distill.detach(), tokens)}
+        if self.cfg.lm_loss:
+            targets = torch.tensor(float(batch.lm_targets.numel()))
+            lm = output.lm / targets.clamp(min=1) if self.cfg.lm_reduction != "sum" else \
+                output.lm / max(batch.lm_sequences, 1)
+            loss = loss + self.cfg.lm_weight * lm
+            sums["lm_nll_per_token"] = (output.lm.detach(), targets)
+        # counted in distilled tokens (there are no pairs): pairs_seen counts them
+        sums["loss"] = (loss.detach() * tokens, tokens)
+        return ObjectiveOutput(loss, sums)
+
+
 def build_objective(cfg: ObjectiveConfig):
     if cfg.name in ("ranked", "binary"):
         return RankedObjective(cfg)
     if cfg.name == "imitation":
         return ImitationObjective(cfg)
-    raise ValueError(f"objective.name: got {cfg.name!r}, expected 'ranked', 'binary' or 'imitation'")
+    if cfg.name == "distill":
+        return DistillObjective(cfg)
+    raise ValueError(f"objective.name: got {cfg.name!r}, expected 'ranked', 'binary', 'imitation' or 'distill'")

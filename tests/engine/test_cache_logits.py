@@ -312,3 +312,23 @@ def test_generate_text_then_cache_logits_from_the_command_line(tmp_path, capsys)
     assert summary["rows"] == 6 and summary["k"] == 16 and summary["shards"] == 1
     assert main(["cache-logits", "configs/cache_logits.yaml", "distill.k=0"]) == 2
     assert "distill.k: got 0, expected an integer >= 1" in capsys.readouterr().err
+
+
+# ----- corpora of comparison files ---------------------------------------------------------------
+
+def test_comparison_files_give_their_responses_or_whole_dialogues_as_texts(tmp_path):
+    from rankpm.engine.distill.corpus import iter_texts, scan_texts
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."})
+                    + "\n" + json.dumps({"chosen": "\n\nHuman: Q\n\nAssistant: A good answer.",
+                                         "rejected": "\n\nHuman: Q\n\nAssistant: A bad one."}) + "\n")
+    responses = [(row, where.line, field, text) for row, where, field, text in iter_texts([str(path)], "responses")]
+    assert responses == [(0, 1, "chosen", " Hello!"), (1, 1, "rejected", " Go away."),
+                         (2, 2, "chosen", " A good answer."), (3, 2, "rejected", " A bad one.")]
+    dialogues = [text for _, _, _, text in iter_texts([str(path)], "dialogues")]
+    assert dialogues[1] == "\n\nHuman: Hi\n\nAssistant: Go away."
+    assert dialogues[2] == "\n\nHuman: Q\n\nAssistant: A good answer."  # an HH transcript as it was
+    path.write_text(json.dumps({"prompt": "P", "chosen": " ", "rejected": "No."}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'chosen': empty or whitespace-only text"):
+        scan_texts([str(path)], "responses")

@@ -229,3 +229,21 @@ def test_both_experiments_run_on_your_own_hh_transcripts_and_stackexchange_answe
                                                                        (24, "ranked")]
     manifest = json.loads((out / "runs" / "pmp-ranked" / "data" / "train" / "manifest.json").read_text())
     assert manifest["counts"]["groups"] + len(manifest.get("skipped", [])) == 24
+
+
+@pytest.mark.slow
+def test_distill_experiment_pretrains_caches_distills_and_measures_every_model(tmp_path):
+    out = tmp_path / "distill"
+    assert main(["experiment", "distill", "--out", str(out), "--groups", "40", "--distill-groups", "8",
+                 "--eval-groups", "8", "--lm-steps", "3", "--distill-steps", "4", "--batch", "4", "--size", "xxs"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in result["rows"]] == ["LM, no prompt (before)", "teacher: LM with the prompt",
+                                                    "student, top-k cache", "student, sampled cache"]
+    assert result["rows"][1]["full_kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)  # the teacher against itself
+    topk, sampled = result["caches"]["topk"], result["caches"]["sampled"]
+    assert sampled["mode"] == "sampled" and abs(sampled["bytes_per_token"] - topk["bytes_per_token"]) < 4  # equal bytes
+    assert all(len(curve) >= 2 for curve in result["curves"].values())  # the held-out KL during training
+    # the students are rankpm model folders that `rankpm eval` reads with the log-prob judge
+    again = evaluate_model_folder(out / "student_topk" / "model", [str(out / "data" / "eval_plain.jsonl")])
+    assert again["judge"] == "logprob" and again["eval_accuracy"] == pytest.approx(result["rows"][2]["comparison_accuracy"])
+    assert (out / "distill.png").read_bytes()[:4] == b"\x89PNG"
