@@ -1,6 +1,6 @@
 """Experiment stage: pre-train the project's own small causal LM on generated text.
 
-    rankpm experiment pretrain-lm --out experiments/results/lm [--sizes xs tiny s] [--steps 800]
+    rankpm experiment pretrain-lm --out experiments/results/lm [--sizes xs tiny s] [--steps 300]
 
 The text is the project's generated data: HH-style dialogues (synthetic_pmp "finetune",
 1-2 turns) and forum questions and answers ("pretrain"), each context followed by ONE of
@@ -23,7 +23,6 @@ computed by transformers on the saved folder, over held-out text of the same mix
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 from pathlib import Path
