@@ -301,7 +301,9 @@ def _train(cfg: RunConfig, strategy, on_record) -> dict:
         "steps": step,
         "checkpoint": str(checkpoint_path),
         "model": str(model_dir),
-        "pairs_per_second": (counters["pairs_seen"] - start_pairs) / train_seconds if train_seconds > 0 else 0.0,
+        # a distillation run counts distilled tokens where others count pairs (its metrics rows too)
+        "distilled_tokens_per_second" if distill else "pairs_per_second":
+            (counters["pairs_seen"] - start_pairs) / train_seconds if train_seconds > 0 else 0.0,
         "train_seconds": round(train_seconds, 2),
         "world_size": strategy.world_size,
         "epochs": round(counters["groups_seen"] / train_groups, 4),
