@@ -44,14 +44,9 @@ EXTRAS = {"zero2_offload": {"zero_stage": 2, "offload_optimizer": True},
 
 
 @pytest.fixture(scope="module")
-def ray_module():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+def ray_module(ray_session):
+    """The session's one embedded Ray (conftest.py): a second ray.init in the same process fails."""
+    return ray_session
 
 
 @pytest.fixture(scope="module")
