@@ -178,18 +178,14 @@ def generate(path: str | Path, *, groups: int, seed: int, k_min: int = 2, k_max:
         raise ValueError(f"groups={groups}: expected a positive integer")
     if not 2 <= k_min <= k_max:
         raise ValueError(f"k_min={k_min}, k_max={k_max}: expected 2 <= k_min <= k_max")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"rankpm-synthetic-{seed}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+
+    def rows():
         for i in range(groups):
             group = make_group(rng, i, rng.randint(k_min, k_max))
-            if context_words is not None:
-                group = lengthen(group, rng, context_words, response_words)
-            f.write(json.dumps(group) + "\n")
-    tmp.replace(path)
-    return path
+            yield group if context_words is None else lengthen(group, rng, context_words, response_words)
+
+    return _write_jsonl(path, rows())
 
 
 def generate_text(path: str | Path, *, rows: int, seed: int,
@@ -198,18 +194,34 @@ def generate_text(path: str | Path, *, rows: int, seed: int,
     each a group's dialogue ended by its best response; deterministic by seed."""
     if rows < 1:
         raise ValueError(f"rows={rows}: expected a positive integer")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"rankpm-synthetic-text-{seed}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+
+    def texts():
         for i in range(rows):
             group = make_group(rng, i, 2)
             if context_words is not None:
                 group = lengthen(group, rng, context_words, (0, 0))
             best = group["responses"][group["ranks"].index(min(group["ranks"]))]
-            f.write(json.dumps({"id": group["id"], "text": group["prompt"] + best}) + "\n")
-    tmp.replace(path)
+            yield {"id": group["id"], "text": group["prompt"] + best}
+
+    return _write_jsonl(path, texts())
+
+
+def _write_jsonl(path: str | Path, rows) -> Path:
+    """Stream ``rows`` to ``path`` through a temporary unique to this process, then rename it into
+    place: a reader never sees a half-written file, two writers never share a temporary."""
+    from rankpm.engine.io import temporary_sibling
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -140,19 +140,17 @@ class DistillObjective:
         if output.distill is None:
             raise ValueError("distill objective: the model output has no distillation term; "
                              "call the model with objective.model_inputs(batch)")
-        tokens = torch.tensor(float(batch.distill.index.numel()))  # known on the host: no sync
-        kl = output.distill / tokens.clamp(min=1)
-        loss = self.cfg.distill_weight * kl
-        sums = {"loss": (None, tokens), "kl": (output.distill.detach(), tokens)}
+        tokens = float(batch.distill.index.numel())  # known on the host: no sync
+        loss = self.cfg.distill_weight * output.distill / max(tokens, 1.0)
+        lm_sums = {}
         if self.cfg.lm_loss:
-            targets = torch.tensor(float(batch.lm_targets.numel()))
-            lm = output.lm / targets.clamp(min=1) if self.cfg.lm_reduction != "sum" else \
-                output.lm / max(batch.lm_sequences, 1)
-            loss = loss + self.cfg.lm_weight * lm
-            sums["lm_nll_per_token"] = (output.lm.detach(), targets)
+            reduction = "sum" if self.cfg.lm_reduction == "sum" else "mean"
+            loss = loss + self.cfg.lm_weight * lm_loss(output.lm, batch, reduction)
+            lm_sums = {"lm_nll_per_token": (output.lm.detach(), torch.tensor(float(batch.lm_targets.numel())))}
+        count = torch.tensor(tokens)
         # counted in distilled tokens (there are no pairs): pairs_seen counts them
-        sums["loss"] = (loss.detach() * tokens, tokens)
-        return ObjectiveOutput(loss, sums)
+        return ObjectiveOutput(loss, {"loss": (loss.detach() * count, count),
+                                      "kl": (output.distill.detach(), count), **lm_sums})
 
 
 def build_objective(cfg: ObjectiveConfig):
