@@ -332,3 +332,15 @@ def test_comparison_files_give_their_responses_or_whole_dialogues_as_texts(tmp_p
     path.write_text(json.dumps({"prompt": "P", "chosen": " ", "rejected": "No."}) + "\n")
     with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'chosen': empty or whitespace-only text"):
         scan_texts([str(path)], "responses")
+
+
+def test_a_cache_of_another_schema_version_is_refused_by_name(tmp_path):
+    from rankpm.engine.data.logit_shards import LOGIT_SCHEMA_VERSION
+
+    out = tmp_path / "logits"
+    cache_logits(config(tmp_path))
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, schema_version=LOGIT_SCHEMA_VERSION - 1)))
+    with pytest.raises(ValueError, match=f"logit schema version {LOGIT_SCHEMA_VERSION - 1}, this rankpm reads "
+                                         f"version {LOGIT_SCHEMA_VERSION}; cache the logits again"):
+        open_logit_cache(out)
